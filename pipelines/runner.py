@@ -1,0 +1,193 @@
+"""`codepmp run`: stage order, skip-if-done, resume-if-crashed and the run layout, implemented once.
+
+Each stage keeps a record in `WORKDIR/<stage>/_stage.json` with its fingerprint: the hash of the spec
+sections it reads chained with the fingerprints of the stages it reads from. On rerun a stage is
+skipped when its record says done with the same fingerprint, resumed when it says running with the
+same fingerprint (a crash), and started afresh when the fingerprint changed (its outputs are stale).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import RunError, SpecError
+from pipelines.spec import Spec, dump_resolved
+from pipelines.stage import RunLayout, Stage, atomic_write_json, atomic_write_text
+
+# Import path of each implemented stage ("module:Class"). A declared stage missing here is not built yet.
+STAGE_IMPLS: dict[str, str] = {}
+
+RECORD = "_stage.json"
+
+
+@dataclass(frozen=True)
+class Decision:
+    stage: str
+    action: str  # "skip" | "resume" | "start"
+    reason: str
+
+
+def resolve_workdir(spec: Spec, override: str | os.PathLike[str] | None = None) -> Path:
+    """--workdir (relative to the CWD) > spec.workdir (relative to the spec) > ./runs/<name>."""
+    if override is not None:
+        return Path(override).expanduser().resolve()
+    if spec.workdir is not None:
+        return Path(spec.workdir).resolve()
+    return (Path.cwd() / "runs" / spec.name).resolve()
+
+
+def select_stages(spec: Spec, only: str | None = None, until: str | None = None) -> list[str]:
+    """The declared stages to run, in pipeline order, narrowed by --only / --until."""
+    if only and until:
+        raise SpecError("use either --only or --until, not both")
+    declared = spec.declared_stages()
+    for flag, stage in (("--only", only), ("--until", until)):
+        if stage is not None and stage not in declared:
+            raise SpecError(f"{flag} {stage}: the spec declares no such stage (declared: {', '.join(declared)})")
+    if only:
+        return [only]
+    if until:
+        return declared[: declared.index(until) + 1]
+    return declared
+
+
+def fingerprints(spec: Spec) -> dict[str, str]:
+    """Per declared stage: hash of its own sections chained with its upstream stages' fingerprints."""
+    prints: dict[str, str] = {}
+    for stage in spec.declared_stages():
+        parts = [spec.section_hash(stage)] + [f"{up}={prints[up]}" for up in spec.upstream(stage)]
+        prints[stage] = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return prints
+
+
+def read_record(layout: RunLayout, stage: str) -> dict[str, Any] | None:
+    path = layout.stage_dir(stage) / RECORD
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"status": "corrupt"}
+
+
+def decide(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str], force: bool = False) -> Decision:
+    """What to do with one stage given its record on disk, and why (printed to the user)."""
+    record = read_record(layout, stage)
+    if force:
+        return Decision(stage, "start", "--force")
+    if record is None:
+        return Decision(stage, "start", "first run")
+    if record.get("fingerprint") == prints[stage]:
+        if record.get("status") == "done":
+            return Decision(stage, "skip", "already done with this spec")
+        return Decision(stage, "resume", "resuming an interrupted attempt")
+    if record.get("section_hash") != spec.section_hash(stage):
+        return Decision(stage, "start", f"spec section(s) {', '.join(spec.stage_sections(stage))} changed")
+    changed = [up for up in spec.upstream(stage) if (read_record(layout, up) or {}).get("fingerprint") != prints[up]]
+    return Decision(stage, "start", f"upstream stage {', '.join(changed) or 'output'} changed")
+
+
+def load_stage(stage: str) -> type[Stage]:
+    target = STAGE_IMPLS.get(stage)
+    if target is None:
+        built = ", ".join(STAGE_IMPLS) or "none yet"
+        raise RunError(f"stage `{stage}` is not available in this version of codepmp (available: {built})")
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+@contextmanager
+def workdir_lock(root: Path) -> Iterator[None]:
+    """One `codepmp run` per workdir at a time: two would corrupt each other's resume state."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"another codepmp run is using {root}; wait for it or pick another --workdir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_spec(
+    spec: Spec,
+    workdir: Path,
+    only: str | None = None,
+    until: str | None = None,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run the selected stages in order; returns one result dict per stage."""
+    selected = select_stages(spec, only, until)
+    classes = {stage: load_stage(stage) for stage in selected}  # fail before any work if one is missing
+    layout = RunLayout(workdir)
+    prints = fingerprints(spec)
+    results = []
+    with workdir_lock(workdir):
+        atomic_write_text(layout.resolved_spec, dump_resolved(spec))
+        echo(f"run {spec.name}: {len(selected)} stage(s) -> {workdir}")
+        for index, stage in enumerate(selected, 1):
+            _check_upstream_done(spec, layout, stage, prints)
+            decision = decide(spec, layout, stage, prints, force)
+            echo(f"[{index}/{len(selected)}] {stage}: {decision.action} ({decision.reason})")
+            if decision.action == "skip":
+                results.append({"stage": stage, "action": "skip", **(read_record(layout, stage) or {})})
+                continue
+            results.append(_run_one(spec, layout, classes[stage], decision, prints, echo))
+    return results
+
+
+def _check_upstream_done(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str]) -> None:
+    for up in spec.upstream(stage):
+        record = read_record(layout, up) or {}
+        if record.get("status") != "done" or record.get("fingerprint") != prints[up]:
+            raise RunError(
+                f"stage `{stage}` reads the output of `{up}`, which is not finished for this spec in "
+                f"{layout.root}: run `codepmp run SPEC --until {up}` first"
+            )
+
+
+def _run_one(
+    spec: Spec,
+    layout: RunLayout,
+    cls: type[Stage],
+    decision: Decision,
+    prints: dict[str, str],
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    stage = decision.stage
+    outdir = layout.stage_dir(stage)
+    if decision.action == "start" and outdir.exists():
+        if any(p.name != RECORD for p in outdir.iterdir()):
+            echo(f"  discarding previous {stage} outputs in {outdir}")
+        shutil.rmtree(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "stage": stage,
+        "fingerprint": prints[stage],
+        "section_hash": spec.section_hash(stage),
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    atomic_write_json(outdir / RECORD, record)
+    start = time.monotonic()
+    summary = cls(spec, layout).run()
+    elapsed = time.monotonic() - start
+    record.update(status="done", seconds=round(elapsed, 2), summary=summary)
+    atomic_write_json(outdir / RECORD, record)
+    figures = ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int | float | str))
+    echo(f"  {stage} done in {elapsed:.1f}s" + (f": {figures}" if figures else ""))
+    return {"action": decision.action, **record}

