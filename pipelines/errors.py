@@ -15,3 +15,7 @@ class SpecError(CodepmpError):
 
 class RunError(CodepmpError):
     """A run cannot proceed (missing upstream output, workdir in use, a stage failed cleanly)."""
+
+
+class DataError(CodepmpError):
+    """Unusable input data (pairs file, columns, cells, model or tokenizer dir): names the culprit."""
