@@ -94,8 +94,9 @@ def decide(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str], fo
         return Decision(stage, "resume", "resuming an interrupted attempt")
     if record.get("section_hash") != spec.section_hash(stage):
         return Decision(stage, "start", f"spec section(s) {', '.join(spec.stage_sections(stage))} changed")
-    changed = [up for up in spec.upstream(stage) if (read_record(layout, up) or {}).get("fingerprint") != prints[up]]
-    return Decision(stage, "start", f"upstream stage {', '.join(changed) or 'output'} changed")
+    built_from = record.get("upstream", {})
+    changed = [up for up in spec.upstream(stage) if built_from.get(up) != prints[up]]
+    return Decision(stage, "start", f"upstream stage {', '.join(changed) or 'set'} changed")
 
 
 def load_stage(stage: str) -> type[Stage]:
@@ -179,6 +180,7 @@ def _run_one(
         "stage": stage,
         "fingerprint": prints[stage],
         "section_hash": spec.section_hash(stage),
+        "upstream": {up: prints[up] for up in spec.upstream(stage)},
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

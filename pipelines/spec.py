@@ -705,8 +705,9 @@ def format_error(err: dict[str, Any], data: Any) -> str:
     """`field.path: message`, with discriminator tags removed from the path and friendlier wording."""
     loc = _user_loc(err["loc"], data)
     kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown field{_suggest(err['loc'])}"
     messages = {
-        "extra_forbidden": "unknown field" + _suggest(err["loc"]),
         "missing": "required field is missing",
         "greater_than_equal": f"must be >= {ctx.get('ge')}",
         "greater_than": f"must be > {ctx.get('gt')}",
