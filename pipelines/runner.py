@@ -186,7 +186,14 @@ def _run_one(
     }
     atomic_write_json(outdir / RECORD, record)
     start = time.monotonic()
-    summary = cls(spec, layout).run()
+    try:
+        summary = cls(spec, layout).run()
+    except BaseException as exc:
+        echo(
+            f"  {stage} stopped after {time.monotonic() - start:.1f}s ({type(exc).__name__}); "
+            "finished work is kept: rerun the same command to resume"
+        )
+        raise
     elapsed = time.monotonic() - start
     record.update(status="done", seconds=round(elapsed, 2), summary=summary)
     atomic_write_json(outdir / RECORD, record)

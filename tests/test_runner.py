@@ -93,8 +93,10 @@ def test_changed_section_reruns_that_stage_and_later_ones_only(stages, spec_path
 def test_crashed_stage_resumes_in_place(stages, spec_path, tmp_path):
     workdir = tmp_path / "run"
     stages.crash_in = "generate"
+    lines: list[str] = []
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(spec_path, workdir)
+        runner.run_spec(load_spec(spec_path), workdir, echo=lines.append)
+    assert "rerun the same command to resume" in lines[-1]
     assert runner.read_record(runner.RunLayout(workdir), "generate")["status"] == "running"
     stages.calls.clear()
     lines = run(spec_path, workdir)
