@@ -69,13 +69,39 @@ LANGUAGE_BY_EXTENSION: dict[str, str] = {
     ".groovy": "groovy",
     ".ml": "ocaml",
     ".zig": "zig",
+    ".tf": "hcl",
+    ".hcl": "hcl",
+    ".vb": "visual basic",
+    ".asm": "assembly",
+    ".s": "assembly",
 }
 
 KNOWN_LANGUAGES = frozenset(LANGUAGE_BY_EXTENSION.values())
 
 
+# Dataset spellings (The Stack `lang`, github-code `language`) that do not lowercase to our names.
+LANGUAGE_ALIASES: dict[str, str] = {
+    "batchfile": "shell",
+    "bash": "shell",
+    "cpp": "c++",
+    "csharp": "c#",
+    "golang": "go",
+    "js": "javascript",
+    "objective-c++": "objective-c",
+    "ts": "typescript",
+}
+
+
 def language_of(path: str | os.PathLike[str]) -> str | None:
     return LANGUAGE_BY_EXTENSION.get(Path(path).suffix.lower())
+
+
+def normalize_language(name: object) -> str | None:
+    """A dataset's language label in this table's spelling (`Python` -> `python`, `C#` -> `c#`)."""
+    if not isinstance(name, str) or not name.strip():
+        return None
+    key = name.strip().lower()
+    return LANGUAGE_ALIASES.get(key, key)
 
 
 def stdlib_dir() -> Path:
@@ -104,8 +130,10 @@ def iter_source_files(paths: Iterable[str], languages: Iterable[str] | None = No
 
 
 def _walk(root: Path) -> Iterator[Path]:
+    # Third-party packages installed inside the stdlib dir are not the stdlib (the curate listing agrees).
+    skipped = {"__pycache__", "site-packages", "dist-packages"} if root == stdlib_dir() else {"__pycache__"}
     for dirpath, dirnames, filenames in os.walk(root, onerror=lambda _err: None):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skipped)
         for name in sorted(filenames):
             file = Path(dirpath) / name
             if not file.is_symlink() and file.is_file():

@@ -26,7 +26,10 @@ from pipelines.spec import Spec, dump_resolved
 from pipelines.stage import RunLayout, Stage, atomic_write_json, atomic_write_text
 
 # Import path of each implemented stage ("module:Class"). A declared stage missing here is not built yet.
-STAGE_IMPLS: dict[str, str] = {}
+STAGE_IMPLS: dict[str, str] = {
+    "curate": "pipelines.curate.stage:CurateStage",
+    "pairs": "pipelines.pairs:PairsStage",
+}
 
 RECORD = "_stage.json"
 

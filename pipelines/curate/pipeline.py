@@ -1,0 +1,309 @@
+"""The curate pipeline as datatrove steps and executors, built from the spec's source/filters/dedup/executor.
+
+`build_steps` returns the ordered datatrove steps (each a pipeline + a task count); `build_executors`
+turns them into datatrove executors of the spec's kind chained with `depends=`, so running the last one
+runs (or, on slurm, submits) the whole chain and a rerun skips every task whose completion file exists.
+
+Data flow between steps goes through `work/`: a writer at the end of one step and `RankShardReader`
+at the start of the next, so datatrove's dedup stages see the same documents in the same order
+(their signatures refer to documents by position within a task).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
+from datatrove.executor.base import PipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup import (
+    ExactDedupConfig,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.hashing import HashConfig
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from pipelines.curate import filters as code_filters
+from pipelines.curate.readers import CodeFileReader, LanguageAllowlist, TakeFirst, dataset_reader
+from pipelines.spec import LocalExecutor, LocalSource, RayExecutor, SlurmExecutor, Spec
+
+SHARD_NAME = "${rank}.jsonl.gz"
+
+
+@dataclass(frozen=True)
+class CurateLayout:
+    """Where the curate stage keeps things under WORKDIR/curate (see the package docstring)."""
+
+    root: Path
+    logging_root: Path
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def excluded(self) -> Path:
+        return self.root / "excluded"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def listing(self) -> Path:
+        return self.work / "listing.jsonl"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "stats.json"
+
+    def logging_dir(self, index: int, step: str) -> Path:
+        return self.logging_root / f"{index:02d}_{step}"
+
+
+@dataclass
+class Step:
+    """One datatrove executor's worth of work."""
+
+    name: str
+    pipeline: list[PipelineStep]
+    tasks: int
+
+
+def normalized_content(doc: Document) -> bytes:
+    """What exact dedup hashes: the content with whitespace runs collapsed (reindented copies match).
+
+    Bytes, because datatrove's default xxhash refuses `str` with the xxhash releases installable today.
+    """
+    return " ".join(doc.text.split()).encode("utf-8", "surrogatepass")
+
+
+class CodeWordTokenizer(WordTokenizer):
+    """Splits MinHash's simplified text (lowercased, punctuation removed) on whitespace.
+
+    datatrove's default English tokenizer needs spaCy and is tuned for prose; for code, identifiers and
+    keywords separated by whitespace are the natural shingle units.
+    """
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return text.splitlines()
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        raise NotImplementedError("not used by MinHash")
+
+
+class RankShardReader(JsonlReader):
+    """Reads back the shard task `rank` wrote in the previous step (`work/<step>/<rank>.jsonl.gz`).
+
+    datatrove's own sharding (`files[rank::world_size]`) would shift when a task wrote no shard;
+    dedup signatures index documents within a task, so task r must read exactly task r's shard.
+    """
+
+    name = "read back"
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        shard = f"{rank:05d}.jsonl.gz"
+        if self.data_folder.isfile(shard):
+            yield from self.read_files_shard([shard])
+
+
+def code_filters_from_spec(spec: Spec, excluded: Path | None) -> list[PipelineStep]:
+    """The enabled code filters in order, cheapest and most fundamental first."""
+    f = spec.filters
+
+    def writer(name: str) -> JsonlWriter | None:
+        return JsonlWriter(str(excluded / name), output_filename=SHARD_NAME) if excluded else None
+
+    candidates: list[tuple[bool, type[code_filters.BaseFilter], dict]] = [
+        (f.binary.enabled, code_filters.BinaryFilter, {}),
+        (f.size.enabled, code_filters.SizeFilter, {"min_bytes": f.size.min_bytes, "max_bytes": f.size.max_bytes}),
+        (f.license.enabled, code_filters.LicenseFilter, {"allow": f.license.allow}),
+        (f.min_lines.enabled, code_filters.MinLinesFilter, {"min_lines": f.min_lines.min_lines}),
+        (f.max_line.enabled, code_filters.MaxLineFilter, {"max_chars": f.max_line.max_chars}),
+        (f.mean_line.enabled, code_filters.MeanLineFilter, {"max_chars": f.mean_line.max_chars}),
+        (f.alphanumeric.enabled, code_filters.AlphanumericFilter, {"min_fraction": f.alphanumeric.min_fraction}),
+        (f.autogenerated.enabled, code_filters.AutogeneratedFilter, {"head_lines": f.autogenerated.head_lines}),
+        (
+            f.encoded_data.enabled,
+            code_filters.EncodedDataFilter,
+            {
+                "min_match_chars": f.encoded_data.min_match_chars,
+                "max_match_chars": f.encoded_data.max_match_chars,
+                "max_fraction": f.encoded_data.max_fraction,
+            },
+        ),
+    ]
+    return [cls(**kwargs, exclusion_writer=writer(cls.name)) for on, cls, kwargs in candidates if on]
+
+
+def reader_steps(spec: Spec, layout: CurateLayout) -> list[PipelineStep]:
+    """The reading end of the first step: the source's reader plus, for datasets, limit and allowlist."""
+    source = spec.source
+    assert source is not None, "curate needs a source section"
+    if isinstance(source, LocalSource):
+        max_bytes = spec.filters.size.max_bytes if spec.filters.size.enabled else None
+        return [CodeFileReader(layout.listing, max_bytes=max_bytes)]
+    steps: list[PipelineStep] = [dataset_reader(source, layout.work / "inputs.txt")]
+    if source.limit is not None:
+        steps.append(TakeFirst(source.limit))
+    if source.languages:
+        steps.append(LanguageAllowlist(source.languages))
+    return steps
+
+
+def build_steps(spec: Spec, layout: CurateLayout) -> list[Step]:
+    """The datatrove steps of the curate stage, in dependency order."""
+    tasks = spec.executor.tasks
+    excluded = layout.excluded if spec.filters.keep_dropped else None
+    exact, minhash = spec.dedup.exact.enabled, spec.dedup.minhash.enabled
+    exact_config = ExactDedupConfig(content_getter=normalized_content)
+    mh = spec.dedup.minhash
+    minhash_config = MinhashConfig(
+        n_grams=mh.ngram,
+        num_buckets=mh.buckets,
+        hashes_per_bucket=mh.hashes_per_bucket,
+        seed=mh.seed,
+        hash_config=HashConfig(hash_fc="sha1"),  # MinHash hashes str shingles, which datatrove's xxhash refuses
+    )
+
+    def finish(next_dedup: str | None, folder: str) -> list[PipelineStep]:
+        """The end of a document-processing step: hand over to the next dedup, or write the output."""
+        if next_dedup is None:
+            return [CorpusCounter(), JsonlWriter(str(layout.output), output_filename=SHARD_NAME)]
+        handover = JsonlWriter(str(layout.work / folder), output_filename=SHARD_NAME)
+        if next_dedup == "exact":
+            return [handover, ExactDedupSignature(str(layout.work / "exact" / "sigs"), config=exact_config)]
+        sigs = MinhashDedupSignature(
+            str(layout.work / "minhash" / "sigs"), config=minhash_config, language=CodeWordTokenizer()
+        )
+        return [handover, sigs]
+
+    def excl(name: str) -> JsonlWriter | None:
+        return JsonlWriter(str(excluded / name), output_filename=SHARD_NAME) if excluded else None
+
+    first_dedup = "exact" if exact else ("minhash" if minhash else None)
+    steps = [Step("filter", [*reader_steps(spec, layout), *code_filters_from_spec(spec, excluded)], tasks)]
+    steps[0].pipeline += finish(first_dedup, "filtered")
+    current = "filtered"
+    if exact:
+        steps.append(
+            Step(
+                "exact_find",
+                [
+                    ExactFindDedups(
+                        str(layout.work / "exact" / "sigs"), str(layout.work / "exact" / "dups"), config=exact_config
+                    )
+                ],
+                1,
+            )
+        )
+        filter_step = ExactDedupFilter(
+            str(layout.work / "exact" / "dups"), config=exact_config, exclusion_writer=excl("exact_dedup")
+        )
+        steps.append(
+            Step(
+                "exact_filter",
+                [
+                    RankShardReader(str(layout.work / current)),
+                    filter_step,
+                    *finish("minhash" if minhash else None, "deduped"),
+                ],
+                tasks,
+            )
+        )
+        current = "deduped"
+    if minhash:
+        mh_root = layout.work / "minhash"
+        steps += [
+            Step(
+                "minhash_buckets",
+                [MinhashDedupBuckets(str(mh_root / "sigs"), str(mh_root / "buckets"), config=minhash_config)],
+                mh.buckets,
+            ),
+            Step(
+                "minhash_cluster",
+                [MinhashDedupCluster(str(mh_root / "buckets"), str(mh_root / "remove"), config=minhash_config)],
+                1,
+            ),
+            Step(
+                "minhash_filter",
+                [
+                    RankShardReader(str(layout.work / current)),
+                    MinhashDedupFilter(str(mh_root / "remove"), exclusion_writer=excl("minhash_dedup")),
+                    *finish(None, "output"),
+                ],
+                tasks,
+            ),
+        ]
+    return steps
+
+
+class CorpusCounter(PipelineStep):
+    """Counts what reaches the output: documents, bytes and documents per language (for stats.json)."""
+
+    name = "output"
+    type = "📊 - STATS"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            self.stat_update("documents")
+            self.stat_update("bytes", value=code_filters.size_bytes(doc), unit="doc")
+            self.stat_update(f"language_{doc.metadata.get('language')}")
+            yield doc
+
+
+def build_executors(spec: Spec, steps: list[Step], layout: CurateLayout) -> list[PipelineExecutor]:
+    """One datatrove executor per step, of the spec's kind, each `depends`-ing on the one before."""
+    executors: list[PipelineExecutor] = []
+    for index, step in enumerate(steps):
+        depends = executors[-1] if executors else None
+        executors.append(make_executor(spec, step, layout.logging_dir(index, step.name), depends))
+    return executors
+
+
+def make_executor(spec: Spec, step: Step, logging_dir: Path, depends: PipelineExecutor | None) -> PipelineExecutor:
+    """A datatrove executor for `step` from `spec.executor` (its workers capped at the step's tasks)."""
+    ex = spec.executor
+    workers = step.tasks if ex.workers == -1 else min(ex.workers, step.tasks)
+    common = {"tasks": step.tasks, "workers": workers, "logging_dir": str(logging_dir), "depends": depends}
+    if isinstance(ex, LocalExecutor):
+        return LocalPipelineExecutor(step.pipeline, **common)
+    if isinstance(ex, SlurmExecutor):
+        return SlurmPipelineExecutor(
+            step.pipeline,
+            **common,
+            time=ex.time,
+            partition=ex.partition,
+            cpus_per_task=ex.cpus_per_task,
+            mem_per_cpu_gb=ex.mem_per_cpu_gb,
+            gpus_per_task=ex.gpus_per_task,
+            qos=ex.qos,
+            job_name=f"{spec.name}-curate-{step.name}",
+            env_command=ex.env_command,
+            sbatch_args=dict(ex.sbatch_args),
+            max_array_launch_parallel=ex.max_array_launch_parallel,
+        )
+    assert isinstance(ex, RayExecutor)
+    return RayPipelineExecutor(
+        step.pipeline,
+        **common,
+        cpus_per_task=ex.cpus_per_task,
+        mem_per_cpu_gb=ex.mem_per_cpu_gb,
+        gpus_per_task=ex.gpus_per_task,
+    )

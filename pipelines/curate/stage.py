@@ -1,0 +1,114 @@
+"""`CurateStage`: list the source, run the datatrove steps, merge their stats, print the summary.
+
+Resuming is datatrove's: every task leaves `logs/<step>/completions/<rank>` when it finishes and a rerun
+skips those tasks. Every input the tasks share (the listing, the shard list) is written once and reused,
+so a resumed run reads the same files in the same order and writes the same output.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from datatrove.executor import SlurmPipelineExecutor
+from datatrove.executor.base import PipelineExecutor
+
+from pipelines.curate.listing import build_listing, read_listing_summary
+from pipelines.curate.pipeline import CurateLayout, Step, build_executors, build_steps
+from pipelines.curate.stats import build_stats, render_summary
+from pipelines.errors import CodepmpError, RunError
+from pipelines.spec import LocalSource, RayExecutor, SlurmExecutor, Spec
+from pipelines.stage import Stage, atomic_write_json
+
+OUTPUT_GLOB = "curate/output/*.jsonl.gz"  # relative to WORKDIR: what the describe stage reads
+SLURM_POLL_S = 60
+
+
+def curate_layout(spec: Spec, outdir: Path) -> CurateLayout:
+    """Logs go to WORKDIR/curate/logs, or to <executor.logging_dir>/<name>-curate when the spec sets one."""
+    logging_dir = spec.executor.logging_dir
+    return CurateLayout(outdir, Path(logging_dir) / f"{spec.name}-curate" if logging_dir else outdir / "logs")
+
+
+class CurateStage(Stage):
+    """GitHub-style code -> filtered, exact- and near-deduplicated files in WORKDIR/curate/output/."""
+
+    name = "curate"
+
+    def __init__(self, *args: Any, echo: Callable[[str], None] = print, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.echo = echo
+
+    def run(self) -> dict[str, Any]:
+        if self.spec.source is None:
+            raise RunError("curate needs a `source` section in the spec")
+        layout = curate_layout(self.spec, self.outdir)
+        resuming = layout.work.exists()
+        if not resuming and layout.logging_root != self.outdir / "logs":
+            shutil.rmtree(layout.logging_root, ignore_errors=True)  # stale completions would skip fresh work
+        listing = self._listing(layout, resuming)
+        steps = build_steps(self.spec, layout)
+        executors = build_executors(self.spec, steps, layout)
+        self._execute(steps, executors, layout)
+        stats = build_stats(steps, layout, listing)
+        if stats["documents_in"] == 0:
+            raise RunError(f"source: the corpus is empty (no documents read from {self._describe_source()})")
+        atomic_write_json(layout.stats, stats)
+        shutil.rmtree(layout.work, ignore_errors=True)  # intermediate copies of the corpus: no longer needed
+        self.echo(render_summary(stats))
+        return {
+            "documents_in": stats["documents_in"],
+            "documents_out": stats["documents_out"],
+            "bytes_out": stats["bytes_out"],
+            "output": OUTPUT_GLOB,
+        }
+
+    def _listing(self, layout: CurateLayout, resuming: bool) -> dict[str, Any] | None:
+        source = self.spec.source
+        if not isinstance(source, LocalSource):
+            return None
+        if resuming and layout.listing.with_suffix(".json").exists():
+            return read_listing_summary(layout.listing)  # the crashed attempt's files, in its order
+        return build_listing(source, layout.listing)
+
+    def _execute(self, steps: list[Step], executors: list[PipelineExecutor], layout: CurateLayout) -> None:
+        """Run the chain; a failing task becomes a RunError naming the step and its logs, not a traceback."""
+        if isinstance(self.spec.executor, SlurmExecutor):
+            self._submit_and_wait(executors)
+            return
+        if isinstance(self.spec.executor, RayExecutor):
+            _init_ray(self.spec.executor.address)
+        for index, (step, executor) in enumerate(zip(steps, executors, strict=True)):
+            self.echo(f"  curate step {index + 1}/{len(steps)}: {step.name} ({step.tasks} task(s))")
+            try:
+                executor.run()  # its `depends` already ran, so this runs just this step's missing tasks
+            except CodepmpError:
+                raise
+            except Exception as exc:
+                logs = layout.logging_dir(index, step.name) / "logs"
+                raise RunError(f"curate step `{step.name}` failed: {exc!r}; task logs in {logs}") from exc
+
+    def _submit_and_wait(self, executors: list[PipelineExecutor]) -> None:
+        """Submit the whole chain as dependent Slurm job arrays, then wait for the last step's completions."""
+        last = executors[-1]
+        assert isinstance(last, SlurmPipelineExecutor)
+        last.run()
+        while incomplete := len(last.get_incomplete_ranks()):
+            self.echo(f"  waiting for slurm: {incomplete}/{last.world_size} final tasks left (Ctrl-C is safe)")
+            time.sleep(SLURM_POLL_S)
+
+    def _describe_source(self) -> str:
+        source = self.spec.source
+        return getattr(source, "dataset", None) or ", ".join(getattr(source, "paths", []))
+
+
+def _init_ray(address: str | None) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise RunError("executor.kind=ray needs Ray: pip install 'ray[default]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address)
