@@ -440,8 +440,13 @@ class PairChecks(StrictModel):
     drop_truncated: bool = Field(True, description="Drop sides cut off by max_new_tokens.")
     drop_repetition: bool = True
     repetition_max_line_share: float = Field(
-        0.5, gt=0, le=1, description="A side whose most repeated line is this share of its lines is a loop."
+        0.5,
+        gt=0,
+        le=1,
+        description="A side whose most repeated line (or back-to-back repeated block) covers this share of its "
+        "lines is a loop.",
     )
+    repetition_min_lines: int = Field(4, ge=2, description="Sides with fewer content lines are too short to call.")
 
 
 class PairBalance(StrictModel):
