@@ -13,7 +13,7 @@ from typing import Any
 from datatrove.pipeline.dedup import ExactDedupFilter, MinhashDedupFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers.base import BaseReader
-from datatrove.utils.stats import PipelineStats, Stats
+from datatrove.utils.stats import MetricStatsDict, PipelineStats, Stats
 
 from pipelines.curate.pipeline import CorpusCounter, CurateLayout, Step
 from pipelines.curate.readers import CodeFileReader, LanguageAllowlist
@@ -26,7 +26,10 @@ _DEDUP_LABELS = {ExactDedupFilter: "exact_dedup", MinhashDedupFilter: "minhash_d
 def merge_step_stats(logging_dir: Path) -> PipelineStats:
     merged = PipelineStats()
     for file in sorted((logging_dir / "stats").glob("*.json")):
-        merged += PipelineStats.from_json(json.loads(file.read_text()))
+        task = PipelineStats.from_json(json.loads(file.read_text()))
+        for block in task.stats:  # from_json leaves the saved values raw (ints or dicts): parse them
+            block.stats = MetricStatsDict.from_dict(block.stats)
+        merged += task
     return merged
 
 
