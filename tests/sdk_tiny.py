@@ -49,17 +49,20 @@ def make_tiny_lm(directory: Path, *, tie: bool = False, layers: int = 2, seed: i
     return directory
 
 
+def _answer(rng: random.Random, marker: str) -> str:
+    text = rng.choices(string.ascii_lowercase, k=rng.randint(3, 40))
+    text.insert(rng.randint(0, len(text)), marker)
+    return "".join(text)
+
+
 def planted_pairs(n: int, seed: int = 0, language: bool = False) -> list[dict]:
-    """Chosen answers use letters a-m, rejected ones n-z; prompts and lengths vary (3-40 characters)."""
+    """Answers are random lowercase text of 4-41 characters; the chosen one hides a `!`, the rejected one a
+    `?`, anywhere: the model must carry one token's information to the EOS where the reward is read."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         prompt = "".join(rng.choices(string.ascii_uppercase + " ", k=rng.randint(3, 30)))
-        row = {
-            "prompt": prompt + ":",
-            "chosen": "".join(rng.choices("abcdefghijklm", k=rng.randint(3, 40))),
-            "rejected": "".join(rng.choices("nopqrstuvwxyz", k=rng.randint(3, 40))),
-        }
+        row = {"prompt": prompt + ":", "chosen": _answer(rng, "!"), "rejected": _answer(rng, "?")}
         if language:
             row["language"] = ["python", "rust"][i % 2]
         rows.append(row)

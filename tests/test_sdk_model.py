@@ -64,7 +64,8 @@ def test_padded_loss_equals_per_sequence_hand_computation(lm_dir: Path) -> None:
                 nll -= logp[t - 1, p.chosen[t]].item()
                 count += 1
     n = len(encoded)
-    hand_rank = sum(torch.nn.functional.softplus(torch.tensor(r - c)).item() for c, r in zip(hand_r[:n], hand_r[n:]))
+    pairs_r = zip(hand_r[:n], hand_r[n:], strict=True)
+    hand_rank = sum(torch.nn.functional.softplus(torch.tensor(r - c)).item() for c, r in pairs_r)
     hand = hand_rank / n + nll / count
     for side in ("left", "right"):
         batch = rm.collate(encoded, padding_side=side)
@@ -90,10 +91,8 @@ def test_save_then_plain_transformers_gives_identical_scores(lm_dir: Path, tmp_p
     plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     assert plain.config.num_labels == 1 and plain.config.pad_token_id != tok.eos_token_id
-    seqs = [
-        tok(p, add_special_tokens=False)["input_ids"] + tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        for p, r in zip(prompts, responses, strict=True)
-    ]
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    seqs = [ids(p) + ids(r) + [tok.eos_token_id] for p, r in zip(prompts, responses, strict=True)]
     batch = tok.pad({"input_ids": seqs}, return_tensors="pt")  # the saved tokenizer pads on the right
     with torch.no_grad():
         theirs = plain(**batch).logits[:, 0].tolist()
@@ -115,7 +114,8 @@ def test_evaluate_counts_ties_half_and_groups_by_language(untied_dir: Path) -> N
     wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(scores_c, scores_r, strict=True)]
     assert wins[0] == 0.5
     assert res["n"] == 6 and res["accuracy"] == pytest.approx(sum(wins) / 6)
-    assert res["mean_margin"] == pytest.approx(sum(c - r for c, r in zip(scores_c, scores_r)) / 6, abs=1e-5)
+    margins = [c - r for c, r in zip(scores_c, scores_r, strict=True)]
+    assert res["mean_margin"] == pytest.approx(sum(margins) / 6, abs=1e-5)
     assert res["by_language"]["python"] == {"accuracy": pytest.approx(sum(wins[0::2]) / 3), "n": 3}
     assert set(res["by_language"]) == {"python", "rust"}
 
@@ -181,9 +181,10 @@ def test_bundled_model_by_registry_name_scores_and_round_trips(tmp_path: Path) -
     out = rm.save_pretrained(tmp_path / "rm")
     plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = rm.tokenizer
-    ids = tok(prompts[0], add_special_tokens=False)["input_ids"] + tok(responses[0], add_special_tokens=False)[
-        "input_ids"
-    ]
+    ids = (
+        tok(prompts[0], add_special_tokens=False)["input_ids"]
+        + tok(responses[0], add_special_tokens=False)["input_ids"]
+    )
     with torch.no_grad():
         plain_score = plain(torch.tensor([[*ids, tok.eos_token_id]])).logits[0, 0].item()
     assert plain_score == pytest.approx(alone[0], abs=1e-4)
