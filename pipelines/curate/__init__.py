@@ -3,7 +3,10 @@
 Output contract (read by `describe`):
     WORKDIR/curate/output/*.jsonl.gz     one shard per datatrove task (`00000.jsonl.gz`, ...), each line
                                          {"text": <file content>, "id": <repo/path>,
-                                          "metadata": {"repo", "path", "language", "size_bytes", "license"}}
+                                          "metadata": {"repo", "path", "language", "size_bytes", "license",
+                                                       "duplicate_count"}}
+                                         (`duplicate_count`: exact copies of this file that were dropped,
+                                         present when exact dedup is on)
                                          readable with `datatrove.pipeline.readers.JsonlReader`.
     WORKDIR/curate/stats.json            per-step documents in/out, drop reasons, bytes and languages.
     WORKDIR/curate/excluded/<step>/      dropped files per filter/dedup step (only with filters.keep_dropped).

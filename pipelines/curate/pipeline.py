@@ -115,6 +115,9 @@ class RankShardReader(JsonlReader):
 
     name = "read back"
 
+    def __init__(self, folder: str) -> None:
+        super().__init__(folder, add_file_path=False)  # work/ is temporary: no path to it in the output
+
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
