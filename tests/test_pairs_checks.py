@@ -13,6 +13,7 @@ from pipelines.pairs.checks import (
     REPETITION,
     TRUNCATED,
     check_pair,
+    code_tokens,
     is_repetition_loop,
     similarity,
 )
@@ -80,7 +81,8 @@ def test_similarity_skips_the_quadratic_ratio_when_a_bound_rules_it_out(monkeypa
         raise AssertionError("ratio() computed although quick_ratio was below the threshold")
 
     monkeypatch.setattr(SequenceMatcher, "ratio", forbidden)
-    assert similarity("def f(x):\n    return x\n", "class Registry:\n    items = {}\n", 0.95) < 0.95
+    a, b = code_tokens("def f(x):\n    return x\n"), code_tokens("class Registry:\n    items = {}\n")
+    assert similarity(a, b, 0.95) < 0.95
 
 
 # --------------------------------------------------------------------------- truncated

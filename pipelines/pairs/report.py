@@ -173,7 +173,8 @@ def write_card(outdir: Path, manifest: dict[str, Any]) -> None:
         "Pairs were dropped when either side is empty or only an empty code fence, when a side was cut off by "
         f"the token limit (drop_truncated={config['checks']['drop_truncated']}), when a side is a repetition "
         f"loop (share >= {config['checks']['repetition_max_line_share']}), or when the two codes are identical or "
-        f"near-identical (difflib similarity >= {config['checks']['near_identical_similarity']}). Code extraction:\n"
+        "near-identical (difflib ratio over code tokens >= "
+        f"{config['checks']['near_identical_similarity']}). Code extraction:\n"
         + "\n".join("> " + line for line in EXTRACTION_RULE.splitlines())
         + f"\n\nBalancing (seed {config['balance']['seed']}): language quotas "
         f"{config['balance']['language_quotas'] or 'none'}; length-bias target "
