@@ -140,6 +140,12 @@ def test_load_dataset_reads_the_shards(tmp_path: Path) -> None:
     assert loaded["train"].num_rows == summary["train"] and loaded["heldout"].num_rows == summary["heldout"]
     assert loaded["train"].column_names == list(COLUMNS)
     assert {"prompt", "chosen", "rejected"} <= set(loaded["heldout"][0])
+    # The card's front matter names the splits, so the directory alone loads too.
+    by_dir = datasets.load_dataset(str(outdir), cache_dir=str(tmp_path / "hf-cache"))
+    assert {split: by_dir[split].num_rows for split in by_dir} == {
+        "train": summary["train"],
+        "heldout": summary["heldout"],
+    }
 
 
 def test_zero_surviving_pairs_is_a_one_line_error_with_the_drop_table(tmp_path: Path) -> None:

@@ -60,11 +60,22 @@ def _row(candidate: Candidate) -> dict[str, Any]:
     }
 
 
+# What balancing and the manifest need of a pair: everything but the texts.
+_KEY_COLUMNS = (
+    "id",
+    "language",
+    "chosen_tokens",
+    "rejected_tokens",
+    "chosen_parses",
+    "rejected_parses",
+    "strong_model",
+    "weak_model",
+)
+
+
 def _key(row: dict[str, Any], index: int) -> dict[str, Any]:
-    """What balancing and the manifest need of a pair, without its texts; `index` = its staging row."""
-    names = ("id", "language", "chosen_tokens", "rejected_tokens", "chosen_parses", "rejected_parses")
-    names += ("strong_model", "weak_model")
-    key = {name: row[name] for name in names}
+    """A pair's balancing key; `index` is its row in the staging file, where its texts wait for pass 2."""
+    key = {name: row[name] for name in _KEY_COLUMNS}
     key.update(index=index, chosen_chars=len(row["chosen"]), rejected_chars=len(row["rejected"]))
     return key
 
@@ -119,10 +130,10 @@ class PairsStage(Stage):
         return stats, drops, keys
 
     def _balance_and_write(
-        self, stats: ReadStats, drops: DropLog, keys: list[dict[str, Any]], staging: Path
+        self, stats: ReadStats, drops: DropLog, checked: list[dict[str, Any]], staging: Path
     ) -> dict[str, Any]:
+        """Pass 2: quotas, length bias, split and shuffle on the keys, then the shards, manifest and card."""
         balance, shards = self.config.balance, self.config.shards
-        checked = keys
         kept, cut = apply_language_quotas(checked, balance.language_quotas, balance.seed)
         drops.add_rows(LANGUAGE_QUOTA, cut)
         kept, cut = rebalance_length(kept, balance.length_bias_target, balance.length_bias_tolerance, balance.seed)
@@ -166,6 +177,6 @@ class PairsStage(Stage):
             "pairs": len(kept),
             **{split: len(rows) for split, rows in splits.items()},
             "dropped": sum(drops.counts.values()),
-            "length_bias_before": length_bias(checked),
-            "length_bias_after": length_bias(kept),
+            "length_bias_before": round(length_bias(checked) or 0.0, 4),
+            "length_bias_after": round(length_bias(kept) or 0.0, 4),
         }
