@@ -206,9 +206,10 @@ class LanguageAllowlist(PipelineStep):
 
 
 class TakeFirst(PipelineStep):
-    """`source.limit` for dataset sources: a per-run cap split over tasks (task r takes its share).
+    """`source.limit` for dataset sources: a per-run cap split evenly over tasks (task r takes its share).
 
-    Readers are lazy generators, so stopping here stops the reader too.
+    A task whose shard holds fewer documents than its share does not pass the rest on, so the run reads at
+    most `limit` documents. Readers are lazy generators: stopping here stops the reader too.
     """
 
     name = "limit"
