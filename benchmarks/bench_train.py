@@ -1,0 +1,177 @@
+"""Training throughput: our DeepSpeed loop vs TRL `RewardTrainer`, same model, data, batch and length.
+
+Run (about 6-8 minutes on 2 CPU cores):
+
+    DS_ACCELERATOR=cpu .venv/bin/python -m pytest benchmarks/bench_train.py -s --benchmark-only
+
+Each trainer runs in its own process (so peak RSS is its own) on the bundled SmolLM2-135M-Instruct
+(`resolve_model`), bf16, full fine-tuning, ranking loss only (TRL has no LM term), AdamW, no gradient
+checkpointing, the same real code pairs (functions of the Python stdlib vs a degraded copy) of at most
+MAX_LEN tokens (TRL drops longer ones; ours would truncate: none are longer). Throughput counts real
+(non-padding) tokens per second over steps 2..N (step 1 pays one-off warm-up). Each variant uses its
+trainer's defaults for batching: ours groups pairs of similar length, TRL samples at random; TRL with its
+`group_by_length` sampler is measured too, as the strongest like-for-like baseline.
+
+`python benchmarks/bench_train.py --trainer ours|trl|trl-grouped` runs one variant and prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"
+PAIRS, MICRO_BATCH, MAX_LEN, STEPS, LR = 256, 4, 192, int(os.environ.get("BENCH_STEPS", 6)), 1e-5
+PEAK_BF16_FLOPS = 188e9  # DESIGN.md §6: measured 2-thread bf16 matmul peak on this machine class
+
+
+def stdlib_pairs(n: int, tokenizer, max_len: int, seed: int = 0) -> list[dict]:
+    """Real code of varied length: chosen = a stdlib function, rejected = it with its body lines shuffled."""
+    rng = random.Random(seed)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    rng.shuffle(files)
+    rows: list[dict] = []
+    for path in files:
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            code = ast.get_source_segment(source, node) or ""
+            lines = code.splitlines()
+            if len(lines) < 3:
+                continue
+            body = lines[1:]
+            rng.shuffle(body)
+            prompt = f"# Write the function `{node.name}` from {path.stem}.\n"
+            row = {"prompt": prompt, "chosen": code + "\n", "rejected": "\n".join([lines[0], *body]) + "\n"}
+            if row["chosen"] == row["rejected"]:
+                continue
+            longest = max(len(tokenizer(prompt + row[k])["input_ids"]) + 1 for k in ("chosen", "rejected"))
+            if longest <= max_len:
+                rows.append(row)
+            if len(rows) == n:
+                return rows
+    return rows
+
+
+def run_ours(model_dir: str, rows: list[dict], out: Path) -> dict:
+    from sdk import RewardModel
+
+    rm = RewardModel.from_pretrained(model_dir)
+    result = rm.finetune(rows, out, max_steps=STEPS, micro_batch_pairs=MICRO_BATCH, grad_accum_steps=1,
+                         max_length_tokens=MAX_LEN, precision="bf16", zero_stage=0, learning_rate=LR,
+                         warmup_ratio=0.0, schedule="constant", weight_decay=0.0)  # fmt: skip
+    steps = result.history[1:]
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps)
+    params = sum(p.numel() for p in rm.module.classifier.parameters())
+    return {"tokens": sum(r["tokens"] for r in steps), "seconds": seconds, "params": params,
+            "loss": [r["loss"] for r in result.history]}  # fmt: skip
+
+
+def run_trl(model_dir: str, rows: list[dict], out: Path, grouped: bool) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    if tokenizer.pad_token_id in (None, tokenizer.eos_token_id):  # same rule as ours: pad distinct from EOS
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(tokenizer.unk_token_id or 0)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    marks: list[tuple[float, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append((time.perf_counter(), trainer._total_train_tokens))
+
+    args = RewardConfig(
+        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=MICRO_BATCH, gradient_accumulation_steps=1,
+        max_length=MAX_LEN, bf16=True, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+        train_sampling_strategy="group_by_length" if grouped else "random", dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
+    )
+    trainer.add_callback(Clock())
+    trainer.train()
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    return {"tokens": n1 - n0, "seconds": t1 - t0, "params": sum(p.numel() for p in model.parameters())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trainer", choices=["ours", "trl", "trl-grouped"], required=True)
+    variant = parser.parse_args().trainer
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipelines.models import resolve_model
+
+    model_dir = resolve_model(MODEL)
+    rows = stdlib_pairs(PAIRS, AutoTokenizer.from_pretrained(model_dir), MAX_LEN)
+    with tempfile.TemporaryDirectory() as tmp:
+        if variant == "ours":
+            res = run_ours(model_dir, rows, Path(tmp))
+        else:
+            res = run_trl(model_dir, rows, Path(tmp), grouped=variant == "trl-grouped")
+    res.update(
+        trainer=variant,
+        pairs=len(rows),
+        threads=torch.get_num_threads(),
+        tokens_per_s=res["tokens"] / res["seconds"],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    res["mfu_vs_bf16_peak"] = 6 * res["params"] * res["tokens_per_s"] / PEAK_BF16_FLOPS
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def _run_variant(variant: str) -> dict:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__, "--trainer", variant], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{variant} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def test_train_throughput_vs_trl(benchmark) -> None:
+    results: dict[str, dict] = {}
+
+    def run_all() -> None:
+        for variant in ("ours", "trl", "trl-grouped"):
+            results[variant] = _run_variant(variant)
+
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+    ours = results["ours"]
+    print(f"\n{'trainer':<12} {'tokens/s':>9} {'peak RSS MB':>12} {'MFU':>6}")
+    for name, r in results.items():
+        print(f"{name:<12} {r['tokens_per_s']:>9.1f} {r['peak_rss_mb']:>12.0f} {r['mfu_vs_bf16_peak']:>6.1%}")
+    for base in ("trl", "trl-grouped"):
+        ratio = ours["tokens_per_s"] / results[base]["tokens_per_s"]
+        benchmark.extra_info[f"speedup_vs_{base}"] = round(ratio, 3)
+        print(f"speed-up vs {base}: {ratio:.2f}x (goal >= 1.3x)")
+    benchmark.extra_info.update({f"{k}_tokens_per_s": round(r["tokens_per_s"], 2) for k, r in results.items()})
+    benchmark.extra_info.update({f"{k}_peak_rss_mb": round(r["peak_rss_mb"]) for k, r in results.items()})
+    assert all(r["tokens"] > 0 for r in results.values())
+
+
+if __name__ == "__main__":
+    main()
