@@ -299,7 +299,8 @@ def make_executor(spec: Spec, step: Step, logging_dir: Path, depends: PipelineEx
             qos=ex.qos,
             job_name=f"{spec.name}-curate-{step.name}",
             env_command=ex.env_command,
-            sbatch_args=dict(ex.sbatch_args),
+            # datatrove writes f"{gb}G", and Slurm refuses a fractional size such as "3.0G": give it in MB
+            sbatch_args={"mem-per-cpu": f"{round(ex.mem_per_cpu_gb * 1024)}M", **ex.sbatch_args},
             max_array_launch_parallel=ex.max_array_launch_parallel,
         )
     assert isinstance(ex, RayExecutor)
