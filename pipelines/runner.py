@@ -28,6 +28,8 @@ from pipelines.stage import RunLayout, Stage, atomic_write_json, atomic_write_te
 # Import path of each implemented stage ("module:Class"). A declared stage missing here is not built yet.
 STAGE_IMPLS: dict[str, str] = {
     "curate": "pipelines.curate.stage:CurateStage",
+    "describe": "pipelines.describe:DescribeStage",
+    "generate": "pipelines.generate:GenerateStage",
     "pairs": "pipelines.pairs:PairsStage",
 }
 

@@ -22,7 +22,10 @@ fi
 start=$(date +%s)
 echo "setup: installing codepmp into $VENV (first run takes a few minutes)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+# This machine's pip config lists local index dirs that lack most packages; drop pip's note for each.
+pip() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
+}
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
 DS_BUILD_OPS=0 pip install -q -e ".[cpu,dev]"

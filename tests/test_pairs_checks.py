@@ -100,6 +100,13 @@ def test_truncation_check_is_configurable() -> None:
     assert check_pair(side(STRONG_REPLY), cut, PairChecks(drop_truncated=False)) is None
 
 
+def test_a_rambling_rejected_side_can_be_kept_but_never_a_cut_chosen() -> None:
+    lenient = PairChecks(keep_truncated_rejected=True)
+    cut = side(WEAK_REPLY, finish="length")
+    assert check_pair(side(STRONG_REPLY), cut, lenient) is None
+    assert check_pair(side(STRONG_REPLY, finish="length"), side(WEAK_REPLY), lenient) == TRUNCATED
+
+
 # --------------------------------------------------------------------------- repetition
 
 

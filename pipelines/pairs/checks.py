@@ -113,7 +113,9 @@ def check_pair(chosen: Side, rejected: Side, checks: PairChecks) -> str | None:
     sides = (chosen, rejected)
     if checks.drop_empty and any(_is_empty(s) for s in sides):
         return EMPTY
-    if checks.drop_truncated and any(s.finish_reason == "length" for s in sides):
+    if checks.drop_truncated and any(
+        s.finish_reason == "length" for s in ((chosen,) if checks.keep_truncated_rejected else sides)
+    ):
         return TRUNCATED
     if checks.drop_repetition and any(
         is_repetition_loop(s.text, checks.repetition_max_line_share, checks.repetition_min_lines) for s in sides

@@ -1,0 +1,45 @@
+"""jsonl.gz shards between generation stages: read in a fixed order, written atomically."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import DataError
+
+
+def read_shards(files: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    """Records of every shard, files in the given order; a corrupt shard is an error naming it."""
+    for path in files:
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as handle:
+                for line_no, line in enumerate(handle, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except json.JSONDecodeError as exc:
+                            raise DataError(f"{path}:{line_no}: not a JSON record ({exc.msg})") from None
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path}: unreadable shard ({exc})") from None
+
+
+def write_shard(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write a gzip JSON-lines shard via a temp file and rename: readers never see half a shard."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    count = 0
+    try:
+        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
+            for record in records:
+                handle.write((json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode())
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
