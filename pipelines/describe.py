@@ -66,20 +66,20 @@ def fit_code(generator: Generator, cfg: DescribeSpec, doc: dict[str, Any]) -> tu
     fields = {"language": meta.get("language") or "code", "path": meta.get("path") or ""}
     budget = min(cfg.max_input_tokens, generator.max_model_len - cfg.sampling.max_new_tokens)
     code = doc["text"]
-    code_ids = generator.tokenizer.encode(code, add_special_tokens=False)
+    encoded = generator.tokenizer(code, add_special_tokens=False, return_offsets_mapping=True)
     overhead = len(generator.render(cfg.template.format(code="", **fields), cfg.use_chat_template))
     room = budget - overhead
     if room <= 0:
         raise RunError(f"describe.template leaves no room for code within {budget} prompt tokens")
-    truncated = len(code_ids) > room
-    if truncated:
-        head = generator.tokenizer.decode(code_ids[:room])
+    truncated = len(encoded["input_ids"]) > room
+    if truncated:  # cut the original text (decoding tokens would not give back every byte)
+        head = code[: encoded["offset_mapping"][room][0]]
         code = head[: head.rfind("\n") + 1] if "\n" in head else head
     ids = generator.render(cfg.template.format(code=code, **fields), cfg.use_chat_template)
     while len(ids) > budget and "\n" in code.rstrip("\n"):  # re-tokenizing can add a few tokens
         code = code.rstrip("\n").rsplit("\n", 1)[0] + "\n"
         ids = generator.render(cfg.template.format(code=code, **fields), cfg.use_chat_template)
-    return ids, len(code_ids), truncated
+    return ids, len(encoded["input_ids"]), truncated
 
 
 class DescribeStage(Stage):
