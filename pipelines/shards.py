@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,19 +14,29 @@ from typing import Any
 from pipelines.errors import DataError
 
 
+def read_shard_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of one shard; a corrupt shard or line is an error naming file and line."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise DataError(f"{path}:{line_no}: not a JSON object ({exc})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{line_no}: not a JSON object")
+                yield line_no, record
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: unreadable shard ({exc}); rerun the stage that wrote it") from None
+
+
 def read_shards(files: Iterable[Path]) -> Iterator[dict[str, Any]]:
-    """Records of every shard, files in the given order; a corrupt shard is an error naming it."""
+    """Records of every shard, files in the given order."""
     for path in files:
-        try:
-            with gzip.open(path, "rt", encoding="utf-8") as handle:
-                for line_no, line in enumerate(handle, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            raise DataError(f"{path}:{line_no}: not a JSON record ({exc.msg})") from None
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{path}: unreadable shard ({exc})") from None
+        for _, record in read_shard_lines(path):
+            yield record
 
 
 def write_shard(path: Path, records: Iterable[dict[str, Any]]) -> int:

@@ -86,7 +86,7 @@ def test_shards_round_trip_and_name_a_corrupt_file(tmp_path: Path):
     assert not list((tmp_path / "out").glob(".*.tmp"))
     bad = tmp_path / "bad.jsonl.gz"
     bad.write_bytes(gzip.compress(b'{"id": 1}\nnot json\n'))
-    with pytest.raises(DataError, match=r"bad\.jsonl\.gz:2: not a JSON record"):
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz:2: not a JSON object"):
         list(read_shards([bad]))
 
 

@@ -6,9 +6,6 @@ lists; sample i of strong is paired with sample i of weak, and the pair id is `<
 
 from __future__ import annotations
 
-import gzip
-import json
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +15,7 @@ from pipelines.errors import DataError, RunError
 from pipelines.languages import normalize_language
 from pipelines.pairs.checks import Side
 from pipelines.pairs.extract import extract_code
+from pipelines.shards import read_shard_lines
 
 _REQUIRED = ("id", "prompt", "strong", "weak")
 
@@ -72,28 +70,11 @@ def _make_side(sample: Any, language: str | None, where: str) -> Side:
     return Side(text, sample.get("finish_reason"), tokens, extract_code(text, language))
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    raise DataError(f"{path}:{lineno}: not a JSON object ({exc})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{lineno}: not a JSON object")
-                yield lineno, record
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: unreadable gzip file ({exc}); rerun the `generate` stage") from None
-
-
 def read_candidates(files: list[Path], stats: ReadStats) -> Iterator[Candidate]:
     """Every candidate pair of every record, in file then line order; malformed records raise `DataError`."""
     for path in files:
         stats.files += 1
-        for lineno, record in _records(path):
+        for lineno, record in read_shard_lines(path):
             where = f"{path}:{lineno}"
             missing = [key for key in _REQUIRED if key not in record]
             if missing:
