@@ -90,8 +90,12 @@ class Generator:
         from vllm import LLM
 
         m = self.spec
+        # On CPU a partially prefilled seeded request crashes vLLM's worker ("CPU Generator does not use
+        # offset" when it rewinds the sampler): keep prompts whole instead of chunking their prefill.
+        cpu_only = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
         try:
             return LLM(
+                **cpu_only,
                 model=self.path,
                 revision=m.revision,
                 trust_remote_code=m.trust_remote_code,
