@@ -10,7 +10,8 @@ checkpointing, the same real code pairs (functions of the Python stdlib vs a deg
 MAX_LEN tokens (TRL drops longer ones; ours would truncate: none are longer). Throughput counts real
 (non-padding) tokens per second over steps 2..N (step 1 pays one-off warm-up). Each variant uses its
 trainer's defaults for batching: ours groups pairs of similar length, TRL samples at random; TRL with its
-`group_by_length` sampler is measured too, as the strongest like-for-like baseline.
+`group_by_length` sampler (grouping by chosen length) is measured too, as the strongest like-for-like
+baseline.
 
 `python benchmarks/bench_train.py --trainer ours|trl|trl-grouped` runs one variant and prints JSON.
 """
@@ -109,6 +110,8 @@ def run_trl(model_dir: str, rows: list[dict], out: Path, grouped: bool) -> dict:
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
     )
+    if grouped:  # its LengthGroupedSampler reads `model_input_names[0]`, absent from TRL's pair columns
+        tokenizer.model_input_names = ["chosen_ids", *tokenizer.model_input_names[1:]]
     trainer.add_callback(Clock())
     trainer.train()
     (t0, n0), (t1, n1) = marks[0], marks[-1]

@@ -47,8 +47,8 @@ def load_pairs(pairs: Any, columns: Sequence[str] = PAIR_COLUMNS) -> pa.Table:
     """
     if isinstance(pairs, (str, Path)):
         return _load_files(str(pairs), columns)
-    if hasattr(pairs, "data") and hasattr(pairs, "column_names"):  # datasets.Dataset, without importing datasets
-        return _validate(pairs.data.table if hasattr(pairs.data, "table") else pairs.data, "dataset", columns)
+    if hasattr(pairs, "with_format") and hasattr(pairs, "column_names"):  # datasets.Dataset, not imported here
+        return _validate(pairs.with_format("arrow")[:], "dataset", columns)  # honours select/filter/shuffle
     if isinstance(pairs, pa.Table):
         return _validate(pairs, "table", columns)
     if isinstance(pairs, Iterable):

@@ -6,6 +6,7 @@ Layout of `output_dir`:
     ladder/step-NNNNNNN/        HF model dirs at the x2^(1/4) step ladder (scaling curves), when asked
     final/                      HF model dir (`RewardModel.save_pretrained`), written last
     metrics.jsonl               one line per optimizer step (all processes reduced)
+    data_summary.json           pairs in / used, drops by reason, truncations
 
 Resuming is exact: the micro-batch order is a pure function of (seed, epoch, batch size), so a restart at
 step s skips the first s * grad_accum micro-batches of that order and sees the same samples next.
@@ -266,6 +267,19 @@ def train(
             epoch_cache[epoch] = length_grouped_batches(lengths, cfg.micro_batch_pairs, cfg.seed, epoch)
         return [data[i] for i in epoch_cache[epoch][pos * world + rank]]
 
+    if rank == 0:
+        summary = {
+            "pairs_in": encoded.n_input,
+            "pairs_used": len(data),
+            "dropped": encoded.drops,
+            "truncated": encoded.truncated,
+            "steps": total,
+            "resumed_from": start or None,
+            "world_size": world,
+        }
+        _atomic_write(out / "data_summary.json", json.dumps(summary, indent=2))  # fmt: skip
+        tqdm.write(f"pairs: {len(data)} of {encoded.n_input} used, {encoded.dropped_identical} identical after "
+                   f"truncation dropped, {encoded.truncated} truncated; {total} steps from step {start}")  # fmt: skip
     module.train()
     bar = tqdm(total=total, initial=start, disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
     for step in range(start, total):
@@ -299,7 +313,7 @@ def train(
                 dtype=torch.float64,
             )
         grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
+        if grad_norm is not None and cfg.precision != "fp16":  # fp16 overflow steps are skipped, not fatal
             _stop_if_not_finite(torch.as_tensor(float(grad_norm)), "gradient norm", step, last_good)
         dist.all_reduce(sums)
         elapsed = time.perf_counter() - t0

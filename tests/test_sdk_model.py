@@ -120,6 +120,22 @@ def test_evaluate_counts_ties_half_and_groups_by_language(untied_dir: Path) -> N
     assert set(res["by_language"]) == {"python", "rust"}
 
 
+def test_pairs_sources_parquet_glob_jsonl_dataset_and_list(untied_dir: Path, tmp_path: Path) -> None:
+    import datasets
+
+    rm = RewardModel.from_pretrained(untied_dir)
+    rows = planted_pairs(6)
+    pq.write_table(pa.Table.from_pylist(rows[:4]), tmp_path / "train-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[4:]), tmp_path / "train-1.parquet")
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expected = rm.evaluate(rows)
+    assert rm.evaluate(str(tmp_path / "train-*.parquet")) == expected
+    assert rm.evaluate(tmp_path / "all.jsonl") == expected
+    assert rm.evaluate(datasets.Dataset.from_list(rows)) == expected
+    selected = datasets.Dataset.from_list(rows).select([0, 3])  # an indices mapping, not the full table
+    assert rm.evaluate(selected) == rm.evaluate([rows[0], rows[3]])
+
+
 # --------------------------------------------------------------------------- bad input
 
 

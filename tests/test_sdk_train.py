@@ -55,6 +55,8 @@ def test_tiny_model_learns_planted_preference(lm_dir: Path, pairs_file: Path, tm
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 81)) and rows[-1]["samples_seen"] == 640
     assert {"loss", "ranking", "lm", "accuracy", "lr", "tokens_per_s"} <= set(rows[0])
+    summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
+    assert summary["pairs_in"] == summary["pairs_used"] == 400 and summary["dropped"] == {}
 
 
 def test_bf16_zero3_top_layers_checkpointing_and_ladder(lm_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
