@@ -248,3 +248,38 @@ def test_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: source.paths: ")
     assert "nowhere does not exist" in proc.stderr
+
+
+def test_huge_one_line_file_without_size_filter_is_caught_by_max_line(tmp_path: Path) -> None:
+    """With the size filter off the reader reads everything; the 10 MB one-liner still goes (max_line)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copyfile(stdlib_dir() / "bisect.py", corpus / "bisect.py")
+    (corpus / "huge.js").write_text("var x=" + "1+" * (5 * 1024 * 1024) + "1;\n")
+    spec = make_spec(
+        tmp_path,
+        {"paths": [str(corpus)]},
+        filters={"size": {"enabled": False}},
+        dedup={"exact": {"enabled": False}, "minhash": {"enabled": False}},
+    )
+    run_curate(spec, tmp_path / "run")
+    rows = stats_rows(tmp_path / "run")
+    assert rows["read"]["dropped"] == {}
+    assert rows["max_line"]["dropped"] == {"line_too_long": 1}
+    assert _paths(read_shards(tmp_path / "run" / "curate" / "output")) == {"bisect.py"}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_file_without_read_permission_is_counted(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copyfile(stdlib_dir() / "bisect.py", corpus / "bisect.py")
+    locked = corpus / "locked.py"
+    locked.write_text("secret = 1\n")
+    locked.chmod(0)
+    spec = make_spec(tmp_path, {"paths": [str(corpus)]})
+    try:
+        run_curate(spec, tmp_path / "run")
+    finally:
+        locked.chmod(0o600)
+    assert stats_rows(tmp_path / "run")["read"]["dropped"] == {"unreadable": 1}

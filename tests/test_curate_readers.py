@@ -17,7 +17,7 @@ import pytest
 
 from pipelines.curate.listing import build_listing, detect_license
 from pipelines.curate.readers import CodeFileReader, dataset_reader
-from pipelines.errors import SpecError
+from pipelines.errors import RunError, SpecError
 from pipelines.languages import stdlib_dir
 from tests.curate_utils import make_spec, read_shards, run_curate, stats_rows
 
@@ -183,4 +183,11 @@ def test_parquet_limit_is_per_run_not_per_task(tmp_path: Path) -> None:
 def test_shard_paths_that_match_nothing_are_spec_errors(tmp_path: Path, paths: list[str], message: str) -> None:
     spec = make_spec(tmp_path, {"kind": "jsonl", "paths": paths})
     with pytest.raises(SpecError, match=message):
+        run_curate(spec, tmp_path / "run")
+
+
+def test_a_corrupt_shard_fails_with_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"this is not gzip data" * 10)
+    spec = make_spec(tmp_path, {"kind": "jsonl", "paths": [str(tmp_path / "bad.jsonl.gz")]})
+    with pytest.raises(RunError, match=r"curate step `filter` failed: .*task logs in .*00_filter/logs"):
         run_curate(spec, tmp_path / "run")
