@@ -97,6 +97,10 @@ def build_stats(steps: list[Step], layout: CurateLayout, listing: dict[str, Any]
     }
 
 
+def _human(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+
+
 def render_summary(stats: dict[str, Any]) -> str:
     """A few lines for the terminal: each step's in -> out with its drop reasons, then bytes and languages."""
     lines = [f"curate: {stats['documents_in']} files in -> {stats['documents_out']} out"]
@@ -105,8 +109,8 @@ def render_summary(stats: dict[str, Any]) -> str:
         lines.append(
             f"  {row['step']:<14} {row['in']:>8} -> {row['out']:<8}" + (f" dropped: {reasons}" if reasons else "")
         )
-    mb_in = f"{stats['bytes_in'] / 1e6:.1f} MB" if stats.get("bytes_in") is not None else "?"
-    lines.append(f"  bytes: {mb_in} in -> {stats['bytes_out'] / 1e6:.1f} MB out")
+    size_in = _human(stats["bytes_in"]) if stats.get("bytes_in") is not None else "?"
+    lines.append(f"  bytes: {size_in} in -> {_human(stats['bytes_out'])} out")
     top = sorted(stats["languages_out"].items(), key=lambda kv: -kv[1])[:8]
     if top:
         lines.append("  languages out: " + ", ".join(f"{lang} {n}" for lang, n in top))
