@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from datatrove.pipeline.readers import JsonlReader
 
 from pipelines.curate.listing import build_listing
 from pipelines.curate.pipeline import CurateLayout
@@ -204,6 +205,9 @@ def test_output_documents_carry_metadata(curated: dict) -> None:
     assert meta["repo"] == "corpus" and meta["language"] == "python" and meta["license"] is None
     assert meta["size_bytes"] == len(_real("heapq.py").encode())
     assert doc["id"] == "corpus/a_real/heapq.py"
+    # the describe stage reads the shards back with datatrove's own reader
+    docs = list(JsonlReader(str(curated["workdir"] / "curate" / "output")).run())
+    assert len(docs) == len(REAL) and all(d.metadata["language"] == "python" for d in docs)
 
 
 def test_symlinks_not_followed_by_default(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def test_license_file_is_detected_and_filtered(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_stdlib_carries_its_license(tmp_path: Path) -> None:
-    summary, docs = read_listing(tmp_path, {"paths": ["stdlib"], "languages": ["python"], "limit": 3})
+    summary, docs = read_listing(tmp_path, {"paths": ["stdlib"], "languages": ["Python"], "limit": 3})
     assert summary["files"] == 3
     assert all(d.metadata["license"] == "psf-2.0" and d.metadata["repo"].endswith("-stdlib") for d in docs)
 

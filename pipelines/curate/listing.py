@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import SpecError
-from pipelines.languages import language_of, resolve_source_path
+from pipelines.languages import language_of, normalize_language, resolve_source_path
 from pipelines.spec import STDLIB, LocalSource
 from pipelines.stage import atomic_write_json, atomic_write_text
 
@@ -71,7 +71,7 @@ def build_listing(source: LocalSource, listing: Path) -> dict[str, Any]:
     """
     counts: Counter[str] = Counter()
     lines: list[str] = []
-    allowed = set(source.languages) if source.languages else None
+    allowed = {normalize_language(name) for name in source.languages} if source.languages else None  # `Python` ok
     roots = [resolve_source_path(raw) for raw in source.paths]  # every path checked before any is walked
     for raw, root in zip(source.paths, roots, strict=True):
         if _use_git(source, raw, root):

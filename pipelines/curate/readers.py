@@ -193,7 +193,7 @@ class LanguageAllowlist(PipelineStep):
 
     def __init__(self, languages: list[str]) -> None:
         super().__init__()
-        self.languages = frozenset(languages)
+        self.languages = frozenset(normalize_language(name) for name in languages)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
