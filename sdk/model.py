@@ -297,7 +297,7 @@ def _lm_head(classifier: nn.Module, path: str, config: Any) -> nn.Linear | None:
     """The causal LM head: the input embeddings when tied, else `lm_head.weight` read from the checkpoint."""
     backbone = getattr(classifier, classifier.base_model_prefix)
     embed = backbone.get_input_embeddings().weight
-    head = nn.Linear(embed.shape[1], embed.shape[0], bias=False, dtype=embed.dtype)
+    head = nn.Linear(embed.shape[1], embed.shape[0], bias=False, device="meta")  # weight assigned below
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         head.weight = embed
         return head

@@ -58,6 +58,11 @@ def test_tiny_model_learns_planted_preference(lm_dir: Path, pairs_file: Path, tm
     summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
     assert summary["pairs_in"] == summary["pairs_used"] == 400 and summary["dropped"] == {}
 
+    # the same in-memory model goes on to finetuning (ranking loss only), as in the CodePMP recipe
+    tuned = rm.finetune(pairs_file, tmp_path / "ft", max_steps=5, micro_batch_pairs=8, zero_stage=2, **FAST)
+    assert tuned.resumed_from is None and all(r["lm"] == 0.0 for r in tuned.history)
+    assert rm.evaluate(heldout)["accuracy"] > 0.9
+
 
 def test_bf16_zero3_top_layers_checkpointing_and_ladder(lm_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
     """bf16 + ZeRO-3 + trainable_layers + gradient checkpointing + grad accumulation, ladder exports."""
