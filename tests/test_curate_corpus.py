@@ -100,6 +100,7 @@ def build_corpus(root: Path) -> dict[str, set[str]]:
     (planted / "sub").mkdir()
     (planted / "sub" / "up").symlink_to(planted, target_is_directory=True)  # a directory loop
     os.mkfifo(planted / "fifo.py")  # not a regular file: reading it would block
+    Path(os.fsdecode(bytes(planted) + b"/caf\xe9.py")).write_text("x = 1\n")  # a Latin-1 file name
 
     def p(*names: str) -> set[str]:
         return {f"b_planted/{n}" for n in names}
@@ -169,6 +170,7 @@ def test_drop_reasons_are_counted(curated: dict) -> None:
     assert rows["list"]["dropped"]["symlink_loop"] >= 3  # loop_a, loop_b and the sub/up directory loop
     assert rows["list"]["dropped"]["not_regular_file"] == 1
     assert rows["list"]["dropped"]["not_code"] == 1
+    assert rows["list"]["dropped"]["undecodable_name"] == 1
     assert rows["read"]["dropped"] == {"empty": 2, "too_large": 1, "unreadable": 1}
     assert rows["binary"]["dropped"] == {"binary": 1, "undecodable": 1}
     assert rows["size"]["dropped"] == {"too_small": 1}

@@ -80,6 +80,9 @@ def build_listing(source: LocalSource, listing: Path) -> dict[str, Any]:
             entries = _fs_entries(root, source, counts, STDLIB_SKIPPED_DIRS if raw == STDLIB else SKIPPED_DIRS)
         repo, license_id = _repo_identity(raw, root)
         for rel, git_object in entries:
+            if not _is_utf8(rel):  # a name that is not UTF-8 cannot be put in the JSON metadata
+                counts["undecodable_name"] += 1
+                continue
             language = language_of(rel)
             if language is None:
                 counts["not_code"] += 1
@@ -105,6 +108,15 @@ def build_listing(source: LocalSource, listing: Path) -> dict[str, Any]:
     summary = {"files": len(lines), "skipped": dict(sorted(counts.items()))}
     atomic_write_json(listing.with_suffix(".json"), summary)
     return summary
+
+
+def _is_utf8(name: str) -> bool:
+    """False for file names with bytes that are not UTF-8 (Python decodes them to lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_listing_summary(listing: Path) -> dict[str, Any]:
