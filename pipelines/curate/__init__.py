@@ -9,7 +9,8 @@ Output contract (read by `describe`):
                                          present when exact dedup is on)
                                          readable with `datatrove.pipeline.readers.JsonlReader`.
     WORKDIR/curate/stats.json            per-step documents in/out, drop reasons, bytes and languages.
-    WORKDIR/curate/excluded/<step>/      dropped files per filter/dedup step (only with filters.keep_dropped).
+    WORKDIR/curate/excluded/<step>/      dropped files per filter/dedup step (only with filters.keep_dropped;
+                                         files the reader skips, e.g. empty or unreadable, are only counted).
     WORKDIR/curate/logs/<NN_step>/       datatrove logging dirs: completions/, stats/, logs/ per step.
     WORKDIR/curate/work/                 listing and intermediate shards/signatures; removed when the stage ends.
 
@@ -19,6 +20,12 @@ Steps (each a datatrove executor; later ones `depends` on earlier ones):
     exact_filter    drop exact duplicates -> write work/deduped -> MinHash signatures
     minhash_buckets / minhash_cluster / minhash_filter   datatrove's MinHash stages 2-4 -> output/
 Disabled dedup steps are left out and the last remaining step writes `output/`.
+
+Which copy survives dedup is a pure function of the listing order and `executor.tasks` (task r reads
+listing lines r, r+T, ...): exact dedup keeps the copy at the lowest position within its task; MinHash keeps,
+of a near-duplicate pair, the copy of the lower (task, position), and of a larger cluster datatrove's
+union-find root. With one task that is the first copy in sorted path order. Reruns and resumed runs keep
+the same copies (tests/test_curate_resume.py).
 """
 
 from pipelines.curate.stage import OUTPUT_GLOB, CurateStage
