@@ -22,10 +22,11 @@ Steps (each a datatrove executor; later ones `depends` on earlier ones):
 Disabled dedup steps are left out and the last remaining step writes `output/`.
 
 Which copy survives dedup is a pure function of the listing order and `executor.tasks` (task r reads
-listing lines r, r+T, ...): exact dedup keeps the copy at the lowest position within its task; MinHash keeps,
-of a near-duplicate pair, the copy of the lower (task, position), and of a larger cluster datatrove's
-union-find root. With one task that is the first copy in sorted path order. Reruns and resumed runs keep
-the same copies (tests/test_curate_resume.py).
+listing lines r, r+T, ...): exact dedup keeps the copy at the lowest position within its task (equal
+positions: datatrove's merge order, itself fixed); MinHash keeps, of a near-duplicate pair, the copy of
+the lower (task, position), and of a larger cluster datatrove's union-find root. With one task that is
+the first copy in sorted path order. Reruns and resumed runs keep the same copies
+(tests/test_curate_resume.py).
 """
 
 from pipelines.curate.stage import OUTPUT_GLOB, CurateStage
