@@ -18,7 +18,7 @@ import pytest
 from pipelines.curate.listing import build_listing, detect_license
 from pipelines.curate.readers import CodeFileReader, dataset_reader
 from pipelines.errors import RunError, SpecError
-from pipelines.languages import stdlib_dir
+from pipelines.languages import KNOWN_LANGUAGES, language_of, normalize_language, stdlib_dir
 from tests.curate_utils import make_spec, read_shards, run_curate, stats_rows
 
 THE_STACK_COLUMNS = {
@@ -191,3 +191,13 @@ def test_a_corrupt_shard_fails_with_one_clear_error(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, {"kind": "jsonl", "paths": [str(tmp_path / "bad.jsonl.gz")]})
     with pytest.raises(RunError, match=r"curate step `filter` failed: .*task logs in .*00_filter/logs"):
         run_curate(spec, tmp_path / "run")
+
+
+def test_extension_table_covers_the_top_github_languages() -> None:
+    # GitHub Octoverse's most used languages (HCL, Dockerfile aside: not files with a code extension)
+    top = ["javascript", "python", "typescript", "java", "c#", "c++", "php", "shell", "c", "go", "ruby", "rust",
+           "kotlin", "swift", "dart", "scala", "lua", "powershell", "objective-c", "r", "perl", "haskell", "html",
+           "css", "sql", "vue", "hcl"]  # fmt: skip
+    assert set(top) <= KNOWN_LANGUAGES
+    assert language_of("src/Main.KT") == "kotlin" and language_of("x.tsx") == "typescript"
+    assert normalize_language("C#") == "c#" and normalize_language("Batchfile") == "shell"

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,10 @@ import pytest
 
 from tests.curate_utils import make_spec, run_curate
 
-CODEPMP = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "codepmp"
+ROOT = Path(__file__).resolve().parents[1]
+# The installed console script when it sits next to this interpreter, else the same entry point via -m.
+_SCRIPT = Path(sys.executable).parent / "codepmp"
+CODEPMP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli.main"]
 SPEC = """\
 name: resume
 executor: {kind: local, tasks: 4, workers: 1}
@@ -34,8 +38,8 @@ def _shard_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def _cli(spec: Path, workdir: Path, **popen: object) -> subprocess.Popen[str]:
-    cmd = [str(CODEPMP), "run", str(spec), "--until", "curate", "--workdir", str(workdir)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, **popen)
+    cmd = [*CODEPMP, "run", str(spec), "--until", "curate", "--workdir", str(workdir)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, **popen)
 
 
 @pytest.fixture(scope="module")
