@@ -201,3 +201,25 @@ def test_extension_table_covers_the_top_github_languages() -> None:
     assert set(top) <= KNOWN_LANGUAGES
     assert language_of("src/Main.KT") == "kotlin" and language_of("x.tsx") == "typescript"
     assert normalize_language("C#") == "c#" and normalize_language("Batchfile") == "shell"
+
+
+def test_huggingface_source_through_the_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streaming HF reader, 2 tasks, The Stack columns, language allowlist and a per-run limit."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = _github_code_rows()
+    stack = [{"content": r["code"], "max_stars_repo_path": r["path"], "max_stars_repo_name": r["repo_name"],
+              "lang": r["language"], "max_stars_repo_licenses": [r["license"].upper()], "size": r["size"]}
+             for r in rows]  # fmt: skip
+    (tmp_path / "stack").mkdir()
+    pq.write_table(pa.Table.from_pylist(stack), tmp_path / "stack" / "train.parquet")
+    source = {"kind": "huggingface", "dataset": str(tmp_path / "stack"), "columns": THE_STACK_COLUMNS,
+              "languages": ["python"], "limit": 7}  # fmt: skip
+    spec = make_spec(tmp_path, source, executor={"kind": "local", "tasks": 2, "workers": 1})
+    run_curate(spec, tmp_path / "run")
+    by_step = stats_rows(tmp_path / "run")
+    assert by_step["read"]["in"] == 7  # rows 0-6 of 8: the fork's copy (row 7) is past the limit
+    assert by_step["language"]["dropped"] == {"language_not_allowed": 1}
+    out = read_shards(tmp_path / "run" / "curate" / "output")
+    assert sorted(d["metadata"]["path"] for d in out) == sorted(f"lib/{n}" for n in PY_FILES)
+    assert all(d["metadata"]["license"] == "mit" for d in out)

@@ -16,7 +16,7 @@ from datatrove.pipeline.readers.base import BaseReader
 from datatrove.utils.stats import MetricStatsDict, PipelineStats, Stats
 
 from pipelines.curate.pipeline import CorpusCounter, CurateLayout, Step
-from pipelines.curate.readers import CodeFileReader, LanguageAllowlist
+from pipelines.curate.readers import CodeFileReader, LanguageAllowlist, TakeFirst
 
 # Steps that decide which documents go on: one row each in the stats table.
 _DECIDERS = (BaseFilter, LanguageAllowlist, ExactDedupFilter, MinhashDedupFilter)
@@ -68,6 +68,8 @@ def build_stats(steps: list[Step], layout: CurateLayout, listing: dict[str, Any]
             elif isinstance(block, BaseReader) and step.name == "filter":  # datatrove's dataset readers
                 read = _count(stats, "doc_len")  # counted per yielded document, also when a limit stops the reader
                 rows.append({"step": "read", "in": read, "out": read, "dropped": {}})
+            elif isinstance(block, TakeFirst):  # readers read ahead (the HF one by batches): count what was taken
+                rows[-1]["in"] = rows[-1]["out"] = _value(stats, "forwarded")
             elif isinstance(block, CorpusCounter):
                 totals.update(
                     documents_out=_value(stats, "documents"),
