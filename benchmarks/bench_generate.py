@@ -2,9 +2,10 @@
 
 Same model (bundled SmolLM2-135M-Instruct), same prompts (the first 32 HumanEval prompts in the generate
 template, chat-rendered), same sampling (T=0.7, top_p=1, 128 new tokens, per-request seeds), in one
-process one after the other, after a warm-up request. Throughput = generated tokens / wall seconds,
-model load excluded. Goals: ours >= 0.9x raw vLLM (the request cache and progress cost little),
-ours >= 10x HF `generate`. Run (about 5 minutes on 2 cores):
+process: the two vLLM paths share one engine and alternate over two rounds (best of each), then HF.
+Throughput = generated tokens / wall seconds, model load and a 4-request warm-up excluded.
+Goals: ours >= 0.9x raw vLLM (the request cache and progress cost little), ours >= 10x HF `generate`.
+Run (5-12 minutes on 2 cores, most of it HF):
 
     .venv/bin/python -m pytest benchmarks/bench_generate.py -s --benchmark-only
     .venv/bin/python benchmarks/bench_generate.py            # same, prints JSON
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-N_PROMPTS, MAX_NEW, HF_BATCH = 32, 128, 8
+N_PROMPTS, MAX_NEW, HF_BATCH, ROUNDS = 32, 128, 8, 2
 
 
 def run() -> dict:
@@ -42,23 +43,26 @@ def run() -> dict:
     sampling = SamplingSpec(temperature=0.7, top_p=1.0, max_new_tokens=MAX_NEW, seed=0)
     gen = Generator(ModelSpec(name="smollm2-135m-instruct", max_model_len=2048, cpu_kvcache_gib=2, enforce_eager=True))
     requests = [Request(t, gen.render(p, True)) for t, p in prompts.items()]
-    results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        gen.run(requests[:1], sampling, RequestCache(Path(tmp) / "warm.jsonl"), desc="warm-up")
-        start = time.perf_counter()
-        ours = gen.run(requests, sampling, RequestCache(Path(tmp) / "ours.jsonl"), desc="ours")
-        seconds = time.perf_counter() - start
-    tokens = sum(s["tokens"] for samples in ours.values() for s in samples)
-    results["ours"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
-
     params = [
         SamplingParams(temperature=0.7, top_p=1.0, max_tokens=MAX_NEW, seed=request_seed(0, r.rid)) for r in requests
     ]
-    start = time.perf_counter()
-    raw = gen.llm.generate([{"prompt_token_ids": r.token_ids} for r in requests], params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in raw)
-    results["vllm_generate"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    inputs = [{"prompt_token_ids": r.token_ids} for r in requests]
+    best: dict[str, tuple[float, int]] = {}  # variant -> (best seconds, tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        gen.run(requests[:4], sampling, RequestCache(Path(tmp) / "warm.jsonl"), desc="warm-up")
+        for round_ in range(ROUNDS):  # alternate the order so neither path gets the warmer engine
+            for variant in ("vllm_generate", "ours") if round_ % 2 == 0 else ("ours", "vllm_generate"):
+                start = time.perf_counter()
+                if variant == "ours":
+                    out = gen.run(requests, sampling, RequestCache(Path(tmp) / f"ours{round_}.jsonl"), desc="ours")
+                    tokens = sum(s["tokens"] for samples in out.values() for s in samples)
+                else:
+                    raw = gen.llm.generate(inputs, params, use_tqdm=False)
+                    tokens = sum(len(o.outputs[0].token_ids) for o in raw)
+                seconds = time.perf_counter() - start
+                if variant not in best or seconds < best[variant][0]:
+                    best[variant] = (seconds, tokens)
+    results = {k: {"tokens": t, "seconds": s, "tokens_per_s": t / s} for k, (s, t) in best.items()}
     path, tokenizer = gen.path, gen.tokenizer
     gen.close()
 
