@@ -14,6 +14,7 @@ Run (5-12 minutes on 2 cores, most of it HF):
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-N_PROMPTS, MAX_NEW, HF_BATCH, ROUNDS = 32, 128, 8, 2
+N_PROMPTS = int(os.environ.get("BENCH_PROMPTS", 32))  # fewer for a quick smoke run
+MAX_NEW, HF_BATCH, ROUNDS = int(os.environ.get("BENCH_MAX_NEW", 128)), 8, 2
 
 
 def run() -> dict:
