@@ -92,7 +92,7 @@ def handover_writer(folder: Path) -> JsonlWriter:
 def normalized_content(doc: Document) -> bytes:
     """What exact dedup hashes: the content with whitespace runs collapsed (reindented copies match).
 
-    Bytes, because datatrove's default xxhash refuses `str` with the xxhash releases installable today.
+    Bytes, because xxhash 4 (which `datasets` installs; datatrove wants <4) refuses `str`.
     """
     return " ".join(doc.text.split()).encode("utf-8", "surrogatepass")
 
@@ -184,7 +184,7 @@ def minhash_config(spec: Spec) -> MinhashConfig:
         num_buckets=mh.buckets,
         hashes_per_bucket=mh.hashes_per_bucket,
         seed=mh.seed,
-        hash_config=HashConfig(hash_fc="sha1"),  # MinHash hashes str shingles, which datatrove's xxhash refuses
+        hash_config=HashConfig(hash_fc="sha1"),  # MinHash hashes str shingles, which xxhash 4 refuses
         # Accents in code are rare and meaningful; skipping their normalisation makes signatures ~15% cheaper.
         norm_config=TextNormConfig(norm_unicode_diacritics=False),
     )
