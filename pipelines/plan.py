@@ -117,7 +117,7 @@ def _source_size(spec: Spec) -> tuple[int, float, float, str]:
         bounds = (size.min_bytes, size.max_bytes) if size.enabled else None
         docs, kept, nbytes = count_source_files(source.paths, source.languages, bounds)
         share = kept / docs if docs else 0.0
-        how = "counted on disk" + (f", {kept:,} within the size filter" if bounds else "")
+        how = "counted on disk" + (f": {kept:,} of {docs:,} files within the size filter" if bounds else "")
     else:
         docs, share, nbytes, how = 0, 0.0, 0.0, "unknown: add source.size_hint"
     if source.limit is not None and docs > source.limit:
@@ -164,7 +164,10 @@ def build_plan(spec: Spec, workdir: Path) -> list[StagePlan]:
             plans.append(
                 StagePlan(
                     stage,
-                    [f"{source.kind}: {', '.join(map(str, where))} ({n_docs:,} files, {nbytes / 1e6:,.1f} MB; {how})"],
+                    [
+                        f"{source.kind}: {', '.join(map(str, where))} ({n_docs:,} files read, ~{n_docs * share:,.0f} "
+                        f"({nbytes / 1e6:,.1f} MB) within the size filter; {how})"
+                    ],
                     [f"{out}/ (jsonl.gz shards, stats.json, completions/)"],
                     detail,
                     documents=int(docs),
