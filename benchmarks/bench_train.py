@@ -8,7 +8,7 @@ Each trainer runs in its own process (so peak RSS is its own) on the bundled Smo
 (`resolve_model`), bf16, full fine-tuning, ranking loss only (TRL has no LM term), AdamW, no gradient
 checkpointing, the same real code pairs (functions of the Python stdlib vs a degraded copy) of at most
 MAX_LEN tokens (TRL drops longer ones; ours would truncate: none are longer). Throughput counts real
-(non-padding) tokens per second over steps 2..N (step 1 pays one-off warm-up). Each variant uses its
+(non-padding) tokens per second of each step 2..N (step 1 pays one-off warm-up). Each variant uses its
 trainer's defaults for batching: ours groups pairs of similar length, TRL samples at random; TRL with its
 `group_by_length` sampler (grouping by chosen length) is measured too, as the strongest like-for-like
 baseline. On a shared machine wall time depends on the neighbours' load, so tokens per CPU-second of the
@@ -26,6 +26,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -36,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 PAIRS, MICRO_BATCH, MAX_LEN, STEPS, LR = 256, 4, 192, int(os.environ.get("BENCH_STEPS", 6)), 1e-5
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 2))
+VARIANTS = ("ours", "trl", "trl-grouped")
 PEAK_BF16_FLOPS = 188e9  # DESIGN.md §6: measured 2-thread bf16 matmul peak on this machine class
 
 
@@ -98,8 +101,8 @@ def run_ours(model_dir: str, rows: list[dict], out: Path) -> dict:
 def _span(marks: list[tuple[float, float, float]]) -> dict:
     """Tokens and wall / CPU seconds from the end of step 1 to the end of the last step."""
     (w0, c0, n0), (w1, c1, n1) = marks[0], marks[-1]
-    steps = [round(b[0] - a[0], 2) for a, b in itertools.pairwise(marks)]
-    return {"tokens": n1 - n0, "seconds": w1 - w0, "cpu_seconds": c1 - c0, "step_seconds": steps}
+    rates = [(b[2] - a[2]) / (b[0] - a[0]) for a, b in itertools.pairwise(marks)]
+    return {"tokens": n1 - n0, "seconds": w1 - w0, "cpu_seconds": c1 - c0, "step_tokens_per_s": rates}
 
 
 def run_trl(model_dir: str, rows: list[dict], out: Path, grouped: bool) -> dict:
@@ -174,27 +177,40 @@ def _run_variant(variant: str) -> dict:
 
 
 def test_train_throughput_vs_trl(benchmark) -> None:
-    results: dict[str, dict] = {}
+    """Variants run interleaved, ROUNDS times each: neighbours' load drifts over minutes, so each variant
+    gets comparable slots. Per-step rates are pooled; the median step is the headline, the best step
+    (least disturbed) a cross-check."""
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
 
     def run_all() -> None:
-        for variant in ("ours", "trl", "trl-grouped"):
-            results[variant] = _run_variant(variant)
+        for _ in range(ROUNDS):
+            for variant in VARIANTS:
+                runs[variant].append(_run_variant(variant))
 
     benchmark.pedantic(run_all, rounds=1, iterations=1)
-    ours = results["ours"]
-    print(f"\n{'trainer':<12} {'tokens/s':>9} {'tokens/CPU-s':>12} {'peak RSS MB':>12} {'MFU':>6}  step seconds")
-    for name, r in results.items():
-        print(f"{name:<12} {r['tokens_per_s']:>9.1f} {r['tokens_per_cpu_s']:>12.1f} {r['peak_rss_mb']:>12.0f} "
-              f"{r['mfu_vs_bf16_peak']:>6.1%}  {r['step_seconds']}")  # fmt: skip
-    for base in ("trl", "trl-grouped"):
-        ratio = ours["tokens_per_s"] / results[base]["tokens_per_s"]
-        cpu_ratio = ours["tokens_per_cpu_s"] / results[base]["tokens_per_cpu_s"]
-        benchmark.extra_info[f"speedup_vs_{base}"] = round(ratio, 3)
-        benchmark.extra_info[f"cpu_time_speedup_vs_{base}"] = round(cpu_ratio, 3)
-        print(f"speed-up vs {base}: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time (goal >= 1.3x)")
-    benchmark.extra_info.update({f"{k}_tokens_per_s": round(r["tokens_per_s"], 2) for k, r in results.items()})
-    benchmark.extra_info.update({f"{k}_peak_rss_mb": round(r["peak_rss_mb"]) for k, r in results.items()})
-    assert all(r["tokens"] > 0 for r in results.values())
+    stats = {}
+    for name, rs in runs.items():
+        rates = sorted(rate for r in rs for rate in r["step_tokens_per_s"])
+        stats[name] = {
+            "median_step_tokens_per_s": statistics.median(rates),
+            "best_step_tokens_per_s": rates[-1],
+            "tokens_per_cpu_s": sum(r["tokens"] for r in rs) / sum(r["cpu_seconds"] for r in rs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "mfu_median_vs_bf16_peak": 6 * rs[0]["params"] * statistics.median(rates) / PEAK_BF16_FLOPS,
+        }
+    print(f"\n{'trainer':<12} {'median tok/s':>12} {'best tok/s':>10} {'tok/CPU-s':>9} {'peak RSS MB':>11} {'MFU':>6}")
+    for name, st in stats.items():
+        cells = (st["median_step_tokens_per_s"], st["best_step_tokens_per_s"], st["tokens_per_cpu_s"])
+        print(f"{name:<12} {cells[0]:>12.1f} {cells[1]:>10.1f} {cells[2]:>9.1f} {st['peak_rss_mb']:>11.0f} "
+              f"{st['mfu_median_vs_bf16_peak']:>6.1%}")  # fmt: skip
+    ours = stats["ours"]
+    for base in VARIANTS[1:]:
+        ratios = {k: ours[k] / stats[base][k] for k in ("median_step_tokens_per_s", "best_step_tokens_per_s")}
+        benchmark.extra_info[f"speedup_vs_{base}"] = {k: round(v, 3) for k, v in ratios.items()}
+        print(f"speed-up vs {base}: {ratios['median_step_tokens_per_s']:.2f}x median step, "
+              f"{ratios['best_step_tokens_per_s']:.2f}x best step (goal >= 1.3x)")  # fmt: skip
+    benchmark.extra_info["stats"] = {k: {m: round(v, 2) for m, v in st.items()} for k, st in stats.items()}
+    assert all(st["median_step_tokens_per_s"] > 0 for st in stats.values())
 
 
 if __name__ == "__main__":
