@@ -136,9 +136,25 @@ def run_spec(
     force: bool = False,
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run the selected stages in order; returns one result dict per stage."""
+    """Run the selected stages in order; returns one result dict per stage.
+
+    Stages this version does not have yet: the ones before the first such stage still run (a user gets
+    what exists), then the run stops with a RunError naming it; if the first stage is missing, nothing runs.
+    """
     selected = select_stages(spec, only, until)
-    classes = {stage: load_stage(stage) for stage in selected}  # fail before any work if one is missing
+    classes: dict[str, type[Stage]] = {}
+    missing: RunError | None = None
+    for stage in selected:
+        try:
+            classes[stage] = load_stage(stage)
+        except RunError as exc:
+            missing = exc
+            break
+    if not classes:
+        raise missing or RunError("no stage selected")
+    if missing is not None:
+        echo(f"note: {missing}; running the {len(classes)} stage(s) before it")
+        selected = list(classes)
     layout = RunLayout(workdir)
     prints = fingerprints(spec)
     results = []
@@ -153,6 +169,8 @@ def run_spec(
                 results.append({"stage": stage, "action": "skip", **(read_record(layout, stage) or {})})
                 continue
             results.append(_run_one(spec, layout, classes[stage], decision, prints, echo))
+    if missing is not None:
+        raise missing
     return results
 
 

@@ -135,6 +135,22 @@ def test_missing_stage_implementation_fails_before_any_work(spec_path, tmp_path,
     assert not workdir.exists()
 
 
+def test_stages_before_a_missing_one_run_then_the_run_stops(stages, spec_path, tmp_path, monkeypatch):
+    built = {name: type(f"{name}Stage", (Recorder,), {"name": name}) for name in ("curate", "describe")}
+
+    def load(name: str) -> type[Stage]:
+        if name not in built:
+            raise RunError(f"stage `{name}` is not available in this version of codepmp")
+        return built[name]
+
+    monkeypatch.setattr(runner, "load_stage", load)
+    lines: list[str] = []
+    with pytest.raises(RunError, match="stage `generate` is not available"):
+        runner.run_spec(load_spec(spec_path), tmp_path / "run", echo=lines.append)
+    assert stages.calls == ["curate", "describe"]
+    assert "running the 2 stage(s) before it" in lines[0]
+
+
 def test_a_second_run_on_the_same_workdir_is_refused(stages, spec_path, tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
