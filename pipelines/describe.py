@@ -16,33 +16,17 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from pipelines.engine import Generator, Request, RequestCache
 from pipelines.errors import RunError
 from pipelines.pairs.checks import is_repetition_loop
-from pipelines.shards import read_shards, write_shard
+from pipelines.shards import read_shards, stage_shards, write_parts
 from pipelines.spec import DescribeSpec
 from pipelines.stage import Stage
 
-CURATE_OUTPUT = "output"
 _FENCE = re.compile(r"```.*?(```|$)", re.DOTALL)
 _LEAD = re.compile(r"^\s*(instruction|task)\s*:\s*", re.IGNORECASE)
-
-
-def shard_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.jsonl.gz"))
-
-
-def write_parts(outdir: Path, records: list[dict[str, Any]], per_part: int) -> list[Path]:
-    """Output in fixed-size parts (part-00000.jsonl.gz, ...), each written atomically."""
-    paths = []
-    for index, start in enumerate(range(0, max(len(records), 1), per_part)):
-        path = outdir / f"part-{index:05d}.jsonl.gz"
-        write_shard(path, records[start : start + per_part])
-        paths.append(path)
-    return paths
 
 
 def clean_instruction(text: str) -> str:
@@ -65,21 +49,9 @@ def fit_code(generator: Generator, cfg: DescribeSpec, doc: dict[str, Any]) -> tu
     meta = doc.get("metadata") or {}
     fields = {"language": meta.get("language") or "code", "path": meta.get("path") or ""}
     budget = min(cfg.max_input_tokens, generator.max_model_len - cfg.sampling.max_new_tokens)
-    code = doc["text"]
-    encoded = generator.tokenizer(code, add_special_tokens=False, return_offsets_mapping=True)
-    overhead = len(generator.render(cfg.template.format(code="", **fields), cfg.use_chat_template))
-    room = budget - overhead
-    if room <= 0:
-        raise RunError(f"describe.template leaves no room for code within {budget} prompt tokens")
-    truncated = len(encoded["input_ids"]) > room
-    if truncated:  # cut the original text (decoding tokens would not give back every byte)
-        head = code[: encoded["offset_mapping"][room][0]]
-        code = head[: head.rfind("\n") + 1] if "\n" in head else head
-    ids = generator.render(cfg.template.format(code=code, **fields), cfg.use_chat_template)
-    while len(ids) > budget and "\n" in code.rstrip("\n"):  # re-tokenizing can add a few tokens
-        code = code.rstrip("\n").rsplit("\n", 1)[0] + "\n"
-        ids = generator.render(cfg.template.format(code=code, **fields), cfg.use_chat_template)
-    return ids, len(encoded["input_ids"]), truncated
+    return generator.fit(
+        lambda code: cfg.template.format(code=code, **fields), doc["text"], budget, cfg.use_chat_template
+    )
 
 
 class DescribeStage(Stage):
@@ -88,10 +60,9 @@ class DescribeStage(Stage):
     def run(self) -> dict[str, Any]:
         cfg = self.spec.describe
         assert cfg is not None
-        files = shard_files(self.layout.stage_dir("curate") / CURATE_OUTPUT)
-        docs = list(read_shards(files))
+        docs = list(read_shards(stage_shards(self.layout.stage_dir("curate"))))
         if not docs:
-            raise RunError(f"describe: no curated documents in {self.layout.stage_dir('curate') / CURATE_OUTPUT}")
+            raise RunError(f"describe: no curated documents in {self.layout.stage_dir('curate') / 'output'}")
         generator = Generator(cfg.model)
         try:
             requests, meta = [], {}

@@ -12,7 +12,7 @@ import gc
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,30 @@ class Generator:
             return list(self.tokenizer.encode(text, add_special_tokens=False))  # the template has its markers
         return list(self.tokenizer.encode(user_message))
 
+    def fit(
+        self, fill: Callable[[str], str], text: str, budget: int, use_chat_template: bool
+    ) -> tuple[list[int], int, bool]:
+        """Token ids of the prompt `fill(text)` within `budget` tokens: (ids, tokens of text, truncated?).
+
+        Only `text` is cut, never the template around it (nor the chat markup that ends a prompt): it keeps
+        its head, cut back to the last whole line that fits. The cut is made on the original text at a token
+        offset, since decoding tokens would not give back every byte.
+        """
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        text_tokens = len(encoded["input_ids"])
+        room = budget - len(self.render(fill(""), use_chat_template))
+        if room <= 0:
+            raise RunError(f"model {self.label}: the prompt template leaves no room for text within {budget} tokens")
+        truncated = text_tokens > room
+        if truncated:
+            head = text[: encoded["offset_mapping"][room][0]]
+            text = head[: head.rfind("\n") + 1] if "\n" in head else head
+        ids = self.render(fill(text), use_chat_template)
+        while len(ids) > budget and "\n" in text.rstrip("\n"):  # re-tokenizing can add a few tokens
+            text = text.rstrip("\n").rsplit("\n", 1)[0] + "\n"
+            ids = self.render(fill(text), use_chat_template)
+        return ids, text_tokens, truncated
+
     def run(self, requests: Iterable[Request], sampling: SamplingSpec, cache: RequestCache, desc: str) -> dict:
         """Generate every request not already in `cache`; returns rid -> samples for all requests."""
         requests = list(requests)
@@ -133,7 +157,7 @@ class Generator:
                 try:
                     self._drive(pending, sampling, cache, done, bar)
                     break
-                except (RunError, KeyboardInterrupt):
+                except RunError:
                     raise
                 except Exception as exc:
                     if attempt == 2:

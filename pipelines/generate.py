@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.describe import shard_files, write_parts
 from pipelines.engine import Generator, Request, RequestCache, model_label
 from pipelines.errors import RunError
-from pipelines.shards import read_shards
+from pipelines.shards import read_shards, stage_shards, write_parts
 from pipelines.stage import Stage
 
 # Markdown fence tags for languages whose name is not its usual tag.
@@ -34,10 +33,11 @@ class GenerateStage(Stage):
     def run(self) -> dict[str, Any]:
         cfg = self.spec.generate
         assert cfg is not None
-        records = list(read_shards(shard_files(self.layout.stage_dir("describe") / "output")))
+        records = list(read_shards(stage_shards(self.layout.stage_dir("describe"))))
         if not records:
             raise RunError(f"generate: no instructions in {self.layout.stage_dir('describe') / 'output'}")
-        prompts = {str(r["id"]): generation_prompt(cfg.template, r) for r in records}
+        by_id = {str(r["id"]): r for r in records}
+        prompts = {rid: generation_prompt(cfg.template, r) for rid, r in by_id.items()}
         replies: dict[str, dict[str, list[dict[str, Any]]]] = {}
         summary: dict[str, Any] = {"instructions_in": len(records)}
         for role, gen in (("strong", cfg.strong), ("weak", cfg.weak)):
@@ -47,11 +47,13 @@ class GenerateStage(Stage):
             try:
                 budget = generator.max_model_len - gen.sampling.max_new_tokens
                 requests, cut = [], 0
-                for rid, prompt in prompts.items():
-                    ids = generator.render(prompt, cfg.use_chat_template)
-                    if len(ids) > budget:  # keep the head: the instruction comes first in the template
-                        ids, cut = ids[:budget], cut + 1
+                for rid, record in by_id.items():
+                    ids, _, truncated = generator.fit(
+                        lambda text, r=record: generation_prompt(cfg.template, {**r, "instruction": text}),
+                        record["instruction"], budget, cfg.use_chat_template,
+                    )  # fmt: skip
                     requests.append(Request(rid, ids))
+                    cut += truncated
                 replies[role] = generator.run(requests, gen.sampling, cache, desc=f"{role} ({generator.label})")
             finally:
                 generator.close()

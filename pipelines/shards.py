@@ -14,6 +14,11 @@ from typing import Any
 from pipelines.errors import DataError
 
 
+def stage_shards(stage_dir: Path) -> list[Path]:
+    """A stage's output shards (`<stage>/output/*.jsonl.gz`), in name order: the order every reader uses."""
+    return sorted((stage_dir / "output").glob("*.jsonl.gz"))
+
+
 def read_shard_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) of one shard; a corrupt shard or line is an error naming file and line."""
     try:
@@ -54,3 +59,13 @@ def write_shard(path: Path, records: Iterable[dict[str, Any]]) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return count
+
+
+def write_parts(outdir: Path, records: list[dict[str, Any]], per_part: int) -> list[Path]:
+    """Output in fixed-size parts (part-00000.jsonl.gz, ...), each written atomically."""
+    paths = []
+    for index, start in enumerate(range(0, max(len(records), 1), per_part)):
+        path = outdir / f"part-{index:05d}.jsonl.gz"
+        write_shard(path, records[start : start + per_part])
+        paths.append(path)
+    return paths

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from pipelines.describe import clean_instruction, drop_reason, fit_code, write_parts
+from pipelines.describe import clean_instruction, drop_reason, fit_code
 from pipelines.engine import Generator, RequestCache, model_label, request_seed
 from pipelines.errors import DataError
 from pipelines.generate import generation_prompt
 from pipelines.languages import stdlib_dir
 from pipelines.models import resolve_model
-from pipelines.shards import read_shards, write_shard
-from pipelines.spec import DescribeSpec, ModelSpec
+from pipelines.shards import read_shards, write_parts, write_shard
+from pipelines.spec import GENERATE_TEMPLATE, DescribeSpec, ModelSpec
 
 
 def test_request_cache_survives_a_torn_last_line(tmp_path: Path):
@@ -106,6 +106,7 @@ def tokenizer_only_generator():
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
     fake = types.SimpleNamespace(tokenizer=tokenizer, max_model_len=1024)
     fake.render = types.MethodType(Generator.render, fake)
+    fake.fit = types.MethodType(Generator.fit, fake)
     return fake
 
 
@@ -130,3 +131,14 @@ def test_prompt_budget_also_respects_the_model_context(tokenizer_only_generator)
     text = (stdlib_dir() / "textwrap.py").read_text()
     ids, _, truncated = fit_code(gen, cfg, {"text": text, "metadata": {}})
     assert truncated and len(ids) <= 1024 - 900
+
+
+def test_an_overlong_instruction_is_cut_but_the_prompt_still_ends_with_the_assistant_turn(tokenizer_only_generator):
+    gen = tokenizer_only_generator
+    instruction = "".join(f"Step {i}: handle the case where the input list has {i} items.\n" for i in range(200))
+    fill = lambda text: generation_prompt(GENERATE_TEMPLATE, {"instruction": text, "language": "python"})  # noqa: E731
+    ids, tokens, truncated = gen.fit(fill, instruction, 256, True)
+    assert truncated and tokens > 256 and len(ids) <= 256
+    prompt = gen.tokenizer.decode(ids)
+    assert prompt.endswith("<|im_start|>assistant\n")  # the chat markup that asks for a reply survives
+    assert "Implement this in python" in prompt and "Step 0:" in prompt and "Step 199:" not in prompt

@@ -15,7 +15,7 @@ from pipelines.errors import DataError, RunError
 from pipelines.languages import normalize_language
 from pipelines.pairs.checks import Side
 from pipelines.pairs.extract import extract_code
-from pipelines.shards import read_shard_lines
+from pipelines.shards import read_shard_lines, stage_shards
 
 _REQUIRED = ("id", "prompt", "strong", "weak")
 
@@ -47,7 +47,7 @@ class ReadStats:
 def input_files(generate_dir: Path) -> list[Path]:
     """The generate shards, sorted by name; a missing or empty output dir is a clear error."""
     output = generate_dir / "output"
-    files = sorted(output.glob("*.jsonl.gz"))
+    files = stage_shards(generate_dir)
     if not files:
         raise RunError(f"pairs: no generate output in {output} (expected *.jsonl.gz): run the `generate` stage first")
     return files
