@@ -63,7 +63,8 @@ def _cached(key: str, build: Callable[[Path], None]) -> Path:
     target = cache_dir() / key
     if (target / "config.json").is_file():
         return target
-    with _lock(target.with_suffix(".lock")):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(target.parent / f"{key}.lock"):  # not with_suffix: `Qwen2.5-7B` would lock as `Qwen2.lock`
         if (target / "config.json").is_file():  # another process built it while we waited
             return target
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}."))
@@ -79,7 +80,6 @@ def _cached(key: str, build: Callable[[Path], None]) -> Path:
 
 @contextmanager
 def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

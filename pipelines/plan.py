@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.languages import count_source_files
+from pipelines.models import BUNDLED
 from pipelines.spec import HUMANEVAL_EXEC, GeneratorSpec, ModelSpec, PruneSpec, SamplingSpec, Spec
 from pipelines.stage import RunLayout
 
@@ -49,7 +50,7 @@ ASSUMPTIONS = {
 }
 
 # Sizes of registry models (billions of parameters); hub ids carry their size in the name.
-REGISTRY_SIZES = {"smollm2-135m-instruct": 0.135}
+REGISTRY_SIZES = {BUNDLED: 0.135}
 
 
 @dataclass
