@@ -31,10 +31,6 @@ class RunLayout:
     def resolved_spec(self) -> Path:
         return self.root / "spec.resolved.yaml"
 
-    @property
-    def report(self) -> Path:
-        return self.root / "report.md"
-
 
 class Stage(ABC):
     """One step of `codepmp run`. Subclasses set `name` and implement `run`."""
