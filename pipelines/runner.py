@@ -31,6 +31,8 @@ STAGE_IMPLS: dict[str, str] = {
     "describe": "pipelines.describe:DescribeStage",
     "generate": "pipelines.generate:GenerateStage",
     "pairs": "pipelines.pairs:PairsStage",
+    "pretrain": "pipelines.train:PretrainStage",
+    "finetune": "pipelines.train:FinetuneStage",
 }
 
 RECORD = "_stage.json"

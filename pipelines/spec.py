@@ -36,6 +36,7 @@ STDLIB = "stdlib"
 # Special finetune/evaluate data name: execution-labelled HumanEval pairs built offline.
 HUMANEVAL_EXEC = "humaneval-exec"
 SPECIAL_PATHS = frozenset({STDLIB, HUMANEVAL_EXEC})
+HUMANEVAL_SIZE = 164  # problems in the benchmark
 
 
 # --------------------------------------------------------------------------- paths
@@ -498,6 +499,26 @@ class PretrainSpec(TrainConfig):
     trust_remote_code: bool = False
 
 
+class SandboxSpec(StrictModel):
+    timeout_s: float = Field(10, gt=0)
+    memory_mb: int = Field(1024, gt=0)
+
+
+class HumanEvalExecSpec(StrictModel):
+    """Execution-labelled finetuning pairs: sampled HumanEval solutions that pass vs fail their tests.
+
+    Built from the *last* `problems` problems; Best-of-N evaluates the first ones, so the two never overlap.
+    """
+
+    generator: GeneratorSpec
+    k: int = Field(8, gt=0, description="Candidates sampled per problem.")
+    problems: int = Field(
+        40, gt=0, le=HUMANEVAL_SIZE, description="Take the last N HumanEval problems (evaluation takes the first)."
+    )
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
+    max_pairs_per_problem: int = Field(4, gt=0, description="Cap, so easy problems do not dominate.")
+
+
 class FinetuneSpec(TrainConfig):
     """Finetuning on reasoning preference pairs (ranking loss only by default)."""
 
@@ -505,12 +526,18 @@ class FinetuneSpec(TrainConfig):
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     model: ModelName | None = Field(None, description="Default: the pretrain stage's final model.")
     data: SpecPath = Field(description=f"Pairs path/glob, or `{HUMANEVAL_EXEC}` (execution-labelled HumanEval).")
+    humaneval_exec: HumanEvalExecSpec | None = Field(None, description=f"How to build `{HUMANEVAL_EXEC}` data.")
     trust_remote_code: bool = False
 
-
-class SandboxSpec(StrictModel):
-    timeout_s: float = Field(10, gt=0)
-    memory_mb: int = Field(1024, gt=0)
+    @model_validator(mode="after")
+    def _exec_settings(self):
+        if self.data == HUMANEVAL_EXEC and self.humaneval_exec is None:
+            raise ValueError(
+                f"data: {HUMANEVAL_EXEC} needs a `humaneval_exec` section (generator, k, problems) to build it"
+            )
+        if self.data != HUMANEVAL_EXEC and self.humaneval_exec is not None:
+            raise ValueError(f"humaneval_exec is only used with data: {HUMANEVAL_EXEC} (data is {self.data})")
+        return self
 
 
 class BestOfNSpec(StrictModel):
@@ -556,6 +583,22 @@ class Spec(StrictModel):
             for needed in self.upstream(stage):
                 if needed not in self.declared_stages():
                     raise ValueError(f"{_HOW_TO_FEED[stage, needed]}")
+        return self
+
+    @model_validator(mode="after")
+    def _finetune_problems_held_out(self):
+        """Finetuning takes HumanEval problems from the end, Best-of-N from the start: they must not meet."""
+        built = self.finetune.humaneval_exec if self.finetune else None
+        bon = self.evaluate.best_of_n if self.evaluate else None
+        if built is None or bon is None or bon.benchmark != "humaneval":
+            return self
+        evaluated = bon.problems or HUMANEVAL_SIZE
+        if built.problems + evaluated > HUMANEVAL_SIZE:
+            raise ValueError(
+                f"finetune.humaneval_exec.problems ({built.problems}) + evaluate.best_of_n.problems "
+                f"({bon.problems or f'null = all {HUMANEVAL_SIZE}'}) exceed the {HUMANEVAL_SIZE} HumanEval problems: "
+                "finetuning would train on problems Best-of-N evaluates; lower one of them"
+            )
         return self
 
     def upstream(self, stage: str) -> list[str]:
