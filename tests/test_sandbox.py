@@ -1,0 +1,140 @@
+"""The sandbox contains hostile candidates (loops, memory bombs, forks, writes outside, network, signals) and
+reports them as failures within their limits, never as a hang and never at our expense."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from sdk.sandbox import ExecResult, layers, run_many, run_program
+
+
+def test_exit_status_decides_passed_and_failed():
+    assert run_program("assert sum([1, 2]) == 3\n").status == "passed"
+    failed = run_program("assert 1 == 2, 'one is not two'\n")
+    assert failed.status == "failed" and not failed.passed
+    assert failed.detail == "AssertionError: one is not two"
+    syntax = run_program("def f(:\n    pass\n")
+    assert syntax.status == "failed" and "SyntaxError" in syntax.detail
+    assert run_program("import sys; sys.exit(3)\n").detail == "exit status 3"
+
+
+def test_isolation_layers_are_active_here():
+    active = layers()
+    assert active["seccomp"] is True
+    assert active["landlock_abi"] >= 6  # FS writes, TCP and signal scoping
+
+
+def test_infinite_loop_is_killed_at_the_time_limit():
+    start = time.monotonic()
+    result = run_program("while True:\n    pass\n", timeout_s=1)
+    assert result.status == "timeout"
+    assert time.monotonic() - start < 5
+
+
+def test_sleeping_program_is_killed_at_the_wall_clock_limit():
+    result = run_program("import time\ntime.sleep(60)\n", timeout_s=1)
+    assert result.status == "timeout" and result.seconds < 5
+
+
+def test_unbounded_allocation_hits_the_memory_limit():
+    source = "blocks = []\nwhile True:\n    blocks.append(bytearray(10_000_000))\n"
+    result = run_program(source, timeout_s=20, memory_mb=256)
+    assert result.status == "memory"
+    assert result.seconds < 15
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import os\nos.fork()\n",
+        "import os\nwhile True:\n    os.fork()\n",  # a fork bomb
+        "import subprocess\nsubprocess.run(['sleep', '30'])\n",
+        "import multiprocessing as mp\np = mp.Process(target=print)\np.start()\np.join()\n",
+    ],
+    ids=["fork", "fork-bomb", "subprocess", "multiprocessing"],
+)
+def test_process_creation_is_denied(source):
+    result = run_program(source, timeout_s=5)
+    assert result.status == "failed"
+    assert "Operation not permitted" in result.detail
+    assert result.seconds < 4
+
+
+def test_threads_still_work():
+    source = "import threading\nout = []\nt = threading.Thread(target=out.append, args=(1,))\nt.start()\nt.join()\n"
+    assert run_program(source + "assert out == [1]\n").passed
+
+
+def test_writes_outside_the_temp_dir_are_denied(tmp_path):
+    target = tmp_path / "escaped.txt"
+    result = run_program(f"open({str(target)!r}, 'w').write('x')\n")
+    assert result.status == "failed" and "Permission denied" in result.detail
+    assert not target.exists()
+    moved = run_program(f"import os\nos.rename('program.py', {str(tmp_path / 'p.py')!r})\n")
+    assert moved.status == "failed" and not (tmp_path / "p.py").exists()
+
+
+def test_cwd_is_a_private_writable_temp_dir():
+    source = (
+        "import os, tempfile\n"
+        "assert os.path.basename(os.getcwd()).startswith('codepmp-sandbox-')\n"
+        "open('scratch.txt', 'w').write('ok')\n"
+        "with tempfile.NamedTemporaryFile() as f:\n"
+        "    f.write(b'ok')\n"
+    )
+    assert run_program(source).passed
+
+
+def test_network_is_unreachable():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        server.settimeout(0.5)
+        result = run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n")
+        with pytest.raises(TimeoutError):
+            server.accept()
+    assert result.status == "failed" and "Operation not permitted" in result.detail
+
+
+def test_processes_outside_cannot_be_signalled():
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        result = run_program(f"import os, signal\nos.kill({victim.pid}, signal.SIGKILL)\n")
+        assert result.status == "failed"
+        time.sleep(0.2)
+        assert victim.poll() is None
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+
+
+def test_environment_is_scrubbed(monkeypatch):
+    monkeypatch.setenv("CODEPMP_TEST_SECRET", "hunter2")
+    assert run_program("import os\nassert 'CODEPMP_TEST_SECRET' not in os.environ\n").passed
+
+
+def test_output_flood_is_cut_by_the_file_size_limit():
+    result = run_program("import sys\nwhile True:\n    sys.stderr.write('x' * 65536)\n", timeout_s=20)
+    assert result.status == "failed" and result.seconds < 15
+
+
+def test_run_many_keeps_input_order_and_reports_each_result():
+    sources = ["import time; time.sleep(0.3)\n", "assert False\n", "pass\n"]
+    seen: dict[int, ExecResult] = {}
+    results = run_many(sources, timeout_s=5, memory_mb=256, workers=2, on_result=seen.__setitem__)
+    assert [r.status for r in results] == ["passed", "failed", "passed"]
+    assert seen == dict(enumerate(results))
+
+
+def test_no_sandbox_dir_is_left_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    run_program("open('x', 'w').write('1')\n")
+    run_program("while True: pass\n", timeout_s=0.5)
+    assert list(tmp_path.iterdir()) == []
