@@ -124,33 +124,41 @@ def check(
     return run_many(sources, timeout_s=timeout_s, memory_mb=memory_mb, workers=workers)
 
 
-def request_id(problem: dict, generator: GeneratorSpec, k: int) -> str:
-    """Cache key of one problem's k samples: changes with the prompt, the model or any sampling setting, so
-    a cache file never hands back samples drawn under other settings."""
-    blob = json.dumps([problem_prompt(problem), generator.model_dump(mode="json"), k], sort_keys=True)
-    return f"{problem['task_id']}#{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+def request_ids(problem: dict, generator: GeneratorSpec, k: int) -> list[str]:
+    """Cache keys of one problem's k samples, one request each (so a run resumes at the exact sample).
+
+    The key changes with the prompt, the model or any sampling setting, so a cache never hands back samples
+    drawn under other settings; it does not contain k, so raising k reuses the samples already drawn.
+    """
+    blob = json.dumps([problem_prompt(problem), generator.model_dump(mode="json", exclude={"sampling": {"n"}})])
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return [f"{problem['task_id']}#{digest}#{j}" for j in range(k)]
 
 
 def sample(
     problems: Sequence[dict], generator: GeneratorSpec, k: int, cache_path: Path, *, desc: str = "humaneval"
 ) -> dict[str, list[str]]:
-    """task_id -> k chat replies of `generator` (vLLM), through a per-request cache: a finished problem is never
-    sampled twice, and nothing is loaded when every problem is cached. Call it where vLLM may spawn
-    processes (a CLI entry point or under `if __name__ == "__main__"`)."""
+    """task_id -> k chat replies of `generator` (vLLM), through a per-request cache: a finished sample is never
+    drawn twice, and nothing is loaded when every sample is cached. Call it where vLLM may spawn processes
+    (a CLI entry point or under `if __name__ == "__main__"`).
+
+    Each sample is its own request with its own seed (`pipelines.engine.request_seed`), so samples do not
+    depend on k or on which other requests share a batch.
+    """
     from pipelines.engine import RequestCache
 
     cache = RequestCache(Path(cache_path))
-    rids = {p["task_id"]: request_id(p, generator, k) for p in problems}
+    rids = {p["task_id"]: request_ids(p, generator, k) for p in problems}
     done = cache.load()
-    if any(rid not in done for rid in rids.values()):
-        done = _generate(problems, generator, k, cache, rids, desc)
-    return {task: [s["text"] for s in done[rid]] for task, rid in rids.items()}
+    if any(rid not in done for ids in rids.values() for rid in ids):
+        done = _generate(problems, generator, cache, rids, desc)
+    return {task: [done[rid][0]["text"] for rid in ids] for task, ids in rids.items()}
 
 
-def _generate(problems, generator, k, cache, rids, desc) -> dict:
+def _generate(problems, generator, cache, rids, desc) -> dict:
     from pipelines.engine import Generator, Request
 
-    sampling = generator.sampling.model_copy(update={"n": k})
+    sampling = generator.sampling.model_copy(update={"n": 1})
     engine = Generator(generator.model)
     try:
         budget = engine.max_model_len - sampling.max_new_tokens
@@ -162,7 +170,7 @@ def _generate(problems, generator, k, cache, rids, desc) -> dict:
                     f"{p['task_id']}: prompt is {len(ids)} tokens but {engine.label} leaves {budget} "
                     f"(max_model_len {engine.max_model_len} - max_new_tokens {sampling.max_new_tokens})"
                 )
-            requests.append(Request(rids[p["task_id"]], ids))
-        return engine.run(requests, sampling, cache, desc=f"{desc} ({engine.label}, k={k})")
+            requests += [Request(rid, ids) for rid in rids[p["task_id"]]]
+        return engine.run(requests, sampling, cache, desc=f"{desc} ({engine.label})")
     finally:
         engine.close()

@@ -107,14 +107,15 @@ def test_hostile_candidates_are_contained_and_reported_as_failures(problems, tmp
     assert not Path(target).exists()
 
 
-def test_request_ids_change_with_every_setting(problems):
+def test_request_ids_change_with_every_setting_but_not_with_k(problems):
     p = problems["HumanEval/0"]
     base = GeneratorSpec.model_validate({"model": {"name": "smollm2-135m-instruct"}})
     hotter = GeneratorSpec.model_validate({"model": {"name": "smollm2-135m-instruct"}, "sampling": {"temperature": 1}})
-    rid = he.request_id(p, base, 4)
-    assert rid.startswith("HumanEval/0#")
-    assert rid == he.request_id(p, base, 4)
-    assert len({rid, he.request_id(p, base, 8), he.request_id(p, hotter, 4)}) == 3
+    rids = he.request_ids(p, base, 4)
+    assert len(set(rids)) == 4 and rids[0].startswith("HumanEval/0#")
+    assert he.request_ids(p, base, 8)[:4] == rids  # raising k keeps the samples already drawn
+    assert not set(he.request_ids(p, hotter, 4)) & set(rids)
+    assert not set(he.request_ids(problems["HumanEval/1"], base, 4)) & set(rids)
 
 
 def test_sample_serves_a_complete_cache_without_loading_a_model(problems, tmp_path, monkeypatch):
@@ -124,7 +125,8 @@ def test_sample_serves_a_complete_cache_without_loading_a_model(problems, tmp_pa
     cache = RequestCache(tmp_path / "requests.jsonl")
     chosen = [problems["HumanEval/0"], problems["HumanEval/2"]]
     for p in chosen:
-        cache.append(he.request_id(p, spec, 2), [{"text": f"{p['task_id']} {i}"} for i in range(2)])
+        for j, rid in enumerate(he.request_ids(p, spec, 2)):
+            cache.append(rid, [{"text": f"{p['task_id']} {j}"}])
     monkeypatch.setattr(he, "_generate", lambda *a, **k: pytest.fail("a cached problem was sampled again"))
     out = he.sample(chosen, spec, 2, cache.path)
     assert out == {"HumanEval/0": ["HumanEval/0 0", "HumanEval/0 1"], "HumanEval/2": ["HumanEval/2 0", "HumanEval/2 1"]}
