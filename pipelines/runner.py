@@ -163,17 +163,32 @@ def run_spec(
     with workdir_lock(workdir):
         atomic_write_text(layout.resolved_spec, dump_resolved(spec))
         echo(f"run {spec.name}: {len(selected)} stage(s) -> {workdir}")
-        for index, stage in enumerate(selected, 1):
-            _check_upstream_done(spec, layout, stage, prints)
-            decision = decide(spec, layout, stage, prints, force)
-            echo(f"[{index}/{len(selected)}] {stage}: {decision.action} ({decision.reason})")
-            if decision.action == "skip":
-                results.append({"stage": stage, "action": "skip", **(read_record(layout, stage) or {})})
-                continue
-            results.append(_run_one(spec, layout, classes[stage], decision, prints, echo))
+        try:
+            for index, stage in enumerate(selected, 1):
+                _check_upstream_done(spec, layout, stage, prints)
+                decision = decide(spec, layout, stage, prints, force)
+                echo(f"[{index}/{len(selected)}] {stage}: {decision.action} ({decision.reason})")
+                if decision.action == "skip":
+                    results.append({"stage": stage, "action": "skip", **(read_record(layout, stage) or {})})
+                    continue
+                results.append(_run_one(spec, layout, classes[stage], decision, prints, echo))
+        finally:
+            _report(spec, layout, echo)
     if missing is not None:
         raise missing
     return results
+
+
+def _report(spec: Spec, layout: RunLayout, echo: Callable[[str], None]) -> None:
+    """WORKDIR/report.md after every run, a failed one too (it shows what finished); never masks the failure."""
+    from pipelines.report import stage_records, write_report
+
+    if not stage_records(layout):
+        return
+    try:
+        echo(f"report: {write_report(spec, layout)}")
+    except Exception as exc:  # the run's own outcome (or error) is what the user must see
+        echo(f"note: the report could not be written ({type(exc).__name__}: {exc})")
 
 
 def _check_upstream_done(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str]) -> None:

@@ -96,7 +96,8 @@ def test_crashed_stage_resumes_in_place(stages, spec_path, tmp_path):
     lines: list[str] = []
     with pytest.raises(RuntimeError, match="simulated crash"):
         runner.run_spec(load_spec(spec_path), workdir, echo=lines.append)
-    assert "rerun the same command to resume" in lines[-1]
+    assert any("rerun the same command to resume" in line for line in lines)
+    assert lines[-1] == f"report: {workdir / 'report.md'}"  # written after a failure too
     assert runner.read_record(runner.RunLayout(workdir), "generate")["status"] == "running"
     stages.calls.clear()
     lines = run(spec_path, workdir)

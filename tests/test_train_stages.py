@@ -76,6 +76,10 @@ def test_pretrain_then_finetune_from_its_final_model_then_skip_then_rerun_on_cha
     assert all(r["lm"] > 0.0 for r in metrics(workdir / "pretrain"))  # pretrain: CodePMP, LM term on
     # checkpoints are pruned to the one `latest` names (steps 2 and 4 were written; the last step exports final/)
     assert sorted(p.name for p in (workdir / "pretrain" / "checkpoints").glob("step-*")) == ["step-0000004"]
+    report = (workdir / "report.md").read_text()  # the runner reports after the run: curves of both stages
+    assert (
+        "![pretrain loss and accuracy](report/pretrain.png)" in report and (workdir / "report/finetune.png").is_file()
+    )
 
     results, lines = run(spec, workdir)
     assert [r["action"] for r in results] == ["skip", "skip"]
