@@ -239,6 +239,12 @@ class RewardModel:
             }
         return result
 
+    def best_of_n(self, prompts: Any, candidates: Any = None, **kwargs: Any) -> Any:
+        """`sdk.bon.best_of_n` with this model as the reward model."""
+        from sdk.bon import best_of_n
+
+        return best_of_n(prompts, candidates, reward_model=self, **kwargs)
+
     def encode(self, table: Any, max_length: int, drop_identical: bool = True) -> EncodedPairs:
         """Tokenize pairs with the module's truncation rule (`sdk.data`)."""
         return encode_pairs(table, self.tokenizer, max_length, drop_identical=drop_identical)
