@@ -318,8 +318,9 @@ def _finetune_data_section(root: Path) -> list[str]:
     summary = _json(root / "finetune" / "data" / "summary.json")
     if not isinstance(summary, dict):
         return []
-    keys = ("problems", "task_ids", "candidates", "passing", "pass_rate", "pairs", "problems_with_pairs")
-    rows = [(k, summary[k]) for k in keys if k in summary and not isinstance(summary[k], list | dict)]
+    keys = ("problems", "k", "candidates", "pass_rate", "sampled_statuses", "canonical_passed", "sandbox_errors",
+            "problems_with_pairs", "pairs", "pairs_with_canonical_chosen")  # fmt: skip
+    rows = [(k, _inline(summary[k])) for k in keys if k in summary]
     span = summary.get("task_ids")
     text = (
         "Execution-labelled HumanEval pairs: sampled solutions (and each problem's canonical solution) run "
@@ -328,6 +329,10 @@ def _finetune_data_section(root: Path) -> list[str]:
     if isinstance(span, list) and span:
         text += f" Problems {span[0]} .. {span[-1]} (the end of HumanEval; Best-of-N evaluates from the start)."
     return ["## Finetuning data", "", text, "", *_table(("figure", "value"), rows)]
+
+
+def _inline(value: Any) -> Any:
+    return ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else value
 
 
 def _accuracy_rows(node: Any, path: str = "") -> Iterable[tuple[str, Any, Any]]:

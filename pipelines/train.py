@@ -122,7 +122,7 @@ class FinetuneStage(_TrainStage):
 
             assert section.humaneval_exec is not None  # the spec requires it with this data
             data, built = build_humaneval_exec(section.humaneval_exec, self.outdir / "data")
-            extra = {f"exec_{k}": v for k, v in built.items()}
+            extra = {f"exec_{k}": v for k, v in built.items() if isinstance(v, int | float | str)}
             what = f"{HUMANEVAL_EXEC} ({data})"
         else:
             data = what = section.data

@@ -78,8 +78,8 @@ def full_workdir(root: Path) -> Path:
     record(root, "finetune", 20.0, pairs=8, steps=3, final_loss=0.3, final_accuracy=0.67, resumed_from=2)
     metrics(root, "finetune", 3, lm=False)
     atomic_write_json(root / "finetune" / "data" / "summary.json", {
-        "problems": 4, "task_ids": ["HumanEval/160", "HumanEval/163"], "candidates": 12, "passing": 4,
-        "pass_rate": 0.0, "pairs": 8,
+        "problems": 4, "task_ids": ["HumanEval/160", "HumanEval/163"], "k": 2, "candidates": 12, "pass_rate": 0.0,
+        "sampled_statuses": {"failed": 7, "timeout": 1}, "canonical_passed": 4, "pairs": 8,
     })  # fmt: skip
     record(root, "evaluate", 60.0, heldout_accuracy=0.667)
     atomic_write_json(root / "evaluate" / "results.json", {
@@ -126,7 +126,7 @@ def test_full_report_has_every_section_and_its_plots(spec, tmp_path):
     assert "before 0.130, after 0.420" in text
     assert "| rm_accuracy.heldout | 0.6667 | 3 |" in text
     assert "| finetune | 8 | 3 | 0.3333 | 1 | 2 |" in text
-    assert "HumanEval/160 .. HumanEval/163" in text
+    assert "HumanEval/160 .. HumanEval/163" in text and "| sampled_statuses | failed: 7, timeout: 1 |" in text
     assert text.count("** (heldout)") == 3 and "[... " in text  # three held-out samples, long sides truncated
     digests = pairs_digest(root / "pairs")
     assert digests["train"]["rows"] == 9 and digests["train"]["sha256"] in text and digests["heldout"]["sha256"] in text
