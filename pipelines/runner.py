@@ -33,6 +33,7 @@ STAGE_IMPLS: dict[str, str] = {
     "pairs": "pipelines.pairs:PairsStage",
     "pretrain": "pipelines.train:PretrainStage",
     "finetune": "pipelines.train:FinetuneStage",
+    "evaluate": "pipelines.evaluate:EvaluateStage",
 }
 
 RECORD = "_stage.json"

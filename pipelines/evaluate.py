@@ -1,0 +1,140 @@
+"""`evaluate`: the trained reward model's accuracy on held-out pairs and its Best-of-N curves.
+
+Reads the model (`evaluate.model`, else `WORKDIR/finetune/final` when the spec finetunes, else
+`WORKDIR/pretrain/final`) and the held-out pairs (`evaluate.heldout`, else `WORKDIR/pairs/heldout-*.parquet`).
+Writes `WORKDIR/evaluate/results.json` and a PNG of each BoN curve (`bon_humaneval.png`, `bon_math.png`).
+
+Resumable: HumanEval samples (`samples/requests.jsonl`, one request per sample) and execution labels
+(`samples/exec.jsonl`) are appended as they finish, and reward scores are saved (`scores.json`) once
+computed, so a rerun after a kill pays only for the work that was not finished. Samples are drawn before
+the reward model is loaded, so the generator and the reward model never hold memory at the same time.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import RunError
+from pipelines.stage import Stage, atomic_write_json
+from sdk import sandbox
+
+MATH_DRAWS = 20  # draws for the math curves when the spec has no best_of_n section to take them from
+
+
+class EvaluateStage(Stage):
+    name = "evaluate"
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.spec.evaluate
+        assert cfg is not None
+        from sdk import humaneval as he
+
+        bon = cfg.best_of_n
+        problems, replies = [], {}
+        if bon is not None:
+            problems = he.load_problems(bon.problems)
+            replies = he.sample(problems, bon.generator, bon.k, self.outdir / "samples" / "requests.jsonl")
+
+        from sdk import RewardModel
+        from sdk.evaluation import evaluate_math, heldout_accuracy, humaneval_bon, plot_bon
+
+        model_path = self.model_path()
+        rm = RewardModel.from_pretrained(model_path)
+        results: dict[str, Any] = {"model": model_path}
+        heldout = self.heldout_pattern()
+        if heldout is None:
+            results["heldout"] = {"skipped": f"no held-out pairs in {self.layout.stage_dir('pairs')}"}
+        else:
+            results["heldout"] = {"data": heldout, **heldout_accuracy(rm, heldout)}
+        summary: dict[str, Any] = {}
+        if "accuracy" in results["heldout"]:
+            summary |= {"accuracy": round(results["heldout"]["accuracy"], 4), "heldout_pairs": results["heldout"]["n"]}
+
+        if bon is not None:
+            scores = self._scores(rm, model_path, problems, replies)
+            results["humaneval"] = {
+                "generator": bon.generator.model_dump(mode="json"),
+                "sandbox": {**bon.sandbox.model_dump(), "layers": sandbox.layers()},
+                **humaneval_bon(
+                    problems,
+                    replies,
+                    rm,
+                    draws=bon.draws,
+                    timeout_s=bon.sandbox.timeout_s,
+                    memory_mb=bon.sandbox.memory_mb,
+                    labels_path=self.outdir / "samples" / "exec.jsonl",
+                    scores=scores,
+                ),
+            }
+            curve = results["humaneval"]["curve"]
+            plot_bon(curve, self.outdir / "bon_humaneval.png", "HumanEval best-of-N")
+            summary |= _headline("humaneval", curve)
+        if cfg.math_data is not None:
+            draws = bon.draws if bon is not None else MATH_DRAWS
+            results["math"] = {"data": cfg.math_data, **evaluate_math(cfg.math_data, rm, draws=draws)}
+            plot_bon(results["math"]["curve"], self.outdir / "bon_math.png", Path(cfg.math_data).name)
+            summary |= _headline("math", results["math"]["curve"])
+        atomic_write_json(self.outdir / "results.json", results)
+        return summary
+
+    def model_path(self) -> str:
+        """The reward model to evaluate: the spec's, else the last trained one."""
+        cfg = self.spec.evaluate
+        assert cfg is not None
+        if cfg.model is not None:
+            return cfg.model
+        stage = "finetune" if self.spec.finetune is not None else "pretrain"
+        final = self.layout.stage_dir(stage) / "final"
+        if not final.is_dir():
+            raise RunError(f"evaluate: no trained model at {final}: run the `{stage}` stage or set evaluate.model")
+        return str(final)
+
+    def heldout_pattern(self) -> str | None:
+        """The held-out pairs to score: the spec's path (must exist), else the pairs stage's heldout shards."""
+        cfg = self.spec.evaluate
+        assert cfg is not None
+        if cfg.heldout is not None:
+            return cfg.heldout  # load_pairs names a missing file or an empty glob
+        pattern = str(self.layout.stage_dir("pairs") / "heldout-*.parquet")
+        return pattern if glob.glob(pattern) else None
+
+    def _scores(self, rm: Any, model_path: str, problems: list[dict], replies: dict) -> dict[str, list[float]]:
+        """Reward scores of every sample, computed once per model and samples (saved to scores.json)."""
+        from sdk.evaluation import score_replies
+
+        tasks = [p["task_id"] for p in problems]
+        blob = json.dumps([model_path, _weights_stamp(model_path), [replies[t] for t in tasks]])
+        key = hashlib.sha256(blob.encode()).hexdigest()
+        path = self.outdir / "scores.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                return saved["scores"]
+        scores = score_replies(problems, replies, rm)
+        atomic_write_json(path, {"key": key, "scores": scores})
+        return scores
+
+
+def _weights_stamp(model_path: str) -> list[Any]:
+    """Size and mtime of a model dir's weight files: a model rewritten in place does not reuse old scores."""
+    root = Path(model_path)
+    if not root.is_dir():
+        return []
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.glob("*.safetensors"))]
+
+
+def _headline(prefix: str, curve: dict[str, Any]) -> dict[str, Any]:
+    """Figures at the largest N, for the run log."""
+    k = curve["n"][-1]
+    out = {
+        f"{prefix}_rm_at_{k}": round(curve["rm"]["mean"][-1], 4),
+        f"{prefix}_random": round(curve["random"][-1], 4),
+        f"{prefix}_oracle_at_{k}": round(curve["oracle"][-1], 4),
+    }
+    if "weighted_vote" in curve:
+        out[f"{prefix}_weighted_vote_at_{k}"] = round(curve["weighted_vote"]["mean"][-1], 4)
+    return out
