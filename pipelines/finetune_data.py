@@ -52,8 +52,9 @@ class Candidate:
 
 
 def canonical_reply(problem: dict[str, Any]) -> str:
-    """The canonical solution as the prompt asks for an answer: the complete function in one python block."""
-    return f"```python\n{problem['prompt']}{problem['canonical_solution'].rstrip()}\n```"
+    """The canonical solution as the prompt asks for an answer: the complete function in one python block
+    (leading blank lines dropped, as a model's block starts with code)."""
+    return f"```python\n{problem['prompt'].lstrip(chr(10))}{problem['canonical_solution'].rstrip()}\n```"
 
 
 def pair_candidates(candidates: list[Candidate], cap: int) -> list[tuple[Candidate, Candidate]]:

@@ -101,7 +101,8 @@ def test_build_labels_by_execution_and_includes_the_canonical_solution(fake_samp
     assert load_pairs(str(path)).num_rows == 12  # readable as TRL-format pairs by the SDK
     # the canonical reply runs like any candidate and passes; it is what the prompt asks for: one fenced function
     reply = canonical_reply(p163)
-    assert reply.startswith("```python\n" + p163["prompt"]) and reply.endswith("\n```")
+    assert reply.startswith("```python\n" + p163["prompt"].lstrip("\n")) and reply.endswith("\n```")
+    assert p163["prompt"].startswith("\n") and not reply.startswith("```python\n\n")  # code right after the fence
     assert humaneval.check([p163], [humaneval.completion_from_reply(p163, reply)], timeout_s=5, memory_mb=512)[0].passed
 
 
