@@ -150,12 +150,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s"
 
 
+# Figures a reader looks for first in a stage summary (records store keys sorted, which buries them).
+HEADLINE = ("documents_in", "documents_out", "instructions_out", "records_out", "pairs", "train", "heldout",
+            "steps", "final_loss", "final_accuracy", "resumed_from", "exec_pass_rate", "exec_pairs")  # fmt: skip
+
+
 def _figures(summary: dict[str, Any], limit: int = 6) -> str:
-    """The first few scalar figures of a stage summary, for the stage table (paths left out: too long)."""
+    """The headline scalar figures of a stage summary, then others, for the stage table (paths left out)."""
+    keys = [k for k in HEADLINE if k in summary] + [k for k in summary if k not in HEADLINE]
     items = [
-        f"{k}={_cell(v)}"
-        for k, v in summary.items()
-        if (isinstance(v, int | float) and not isinstance(v, bool)) or (isinstance(v, str) and "/" not in v)
+        f"{k}={_cell(summary[k])}"
+        for k in keys
+        if (isinstance(summary[k], int | float) and not isinstance(summary[k], bool))
+        or (isinstance(summary[k], str) and "/" not in summary[k])
     ]
     return ", ".join(items[:limit])
 
@@ -291,14 +298,14 @@ def _training_section(root: Path, records: dict[str, dict[str, Any]], plots: Plo
         plt = plots.plt
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
         steps = [r["step"] for r in history]
-        left.plot(steps, [r["loss"] for r in history], label="total")
+        left.plot(steps, [r["loss"] for r in history], label="total", marker="." if len(steps) <= 50 else None)
         for part in ("ranking", "lm"):
             if any(r.get(part) for r in history):
                 left.plot(steps, [r.get(part) for r in history], label=part, alpha=0.7)
         left.set_xlabel("optimizer step")
         left.set_title(f"{stage}: loss")
         left.legend()
-        right.plot(steps, [r["accuracy"] for r in history], color="tab:green")
+        right.plot(steps, [r["accuracy"] for r in history], color="tab:green", marker="." if len(steps) <= 50 else None)
         right.set_ylim(-0.02, 1.02)
         right.set_xlabel("optimizer step")
         right.set_title(f"{stage}: training pair accuracy")
