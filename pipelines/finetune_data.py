@@ -8,14 +8,13 @@ canonical solution is there because a small model rarely passes: without it most
 no pair. It is written the way the prompt asks the model to answer (the whole function in one fenced
 block) so both sides of a pair have the form Best-of-N later scores: a chat reply to that prompt.
 
-Resumable: samples are cached per request (`sdk.humaneval.sample`) and labels per candidate as each run
-finishes (`labels.jsonl`), so a killed build redoes neither. Rebuilding from the caches is deterministic.
+Resumable: samples are cached per request (`sdk.humaneval.sample`) and labels per program as each run
+finishes (`sdk.evaluation.label_programs`, the evaluate stage's cache), so a killed build redoes neither.
+Rebuilding from the caches is deterministic.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -45,11 +44,6 @@ class Candidate:
     status: str = ""
     detail: str = ""
 
-    @property
-    def key(self) -> str:
-        """Label-cache key: the program run is the problem's prompt + this completion + its tests."""
-        return hashlib.sha256(f"{self.task_id}\0{self.completion}".encode()).hexdigest()
-
 
 def canonical_reply(problem: dict[str, Any]) -> str:
     """The canonical solution as the prompt asks for an answer: the complete function in one python block
@@ -76,54 +70,25 @@ def pair_candidates(candidates: list[Candidate], cap: int) -> list[tuple[Candida
     return [(passing[i], failing[j]) for i, j in grid[:cap]]
 
 
-def _load_labels(path: Path) -> dict[str, tuple[str, str]]:
-    labels: dict[str, tuple[str, str]] = {}
-    if not path.exists():
-        return labels
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # the torn tail of a killed write
-        labels[row["key"]] = (row["status"], row["detail"])
-    return labels
-
-
 def label(
     problems: dict[str, dict[str, Any]], candidates: list[Candidate], cfg: HumanEvalExecSpec, path: Path
-) -> tuple[list[Candidate], int]:
-    """Execution labels for every candidate: cached ones read back, the rest run in the sandbox and appended
-    one by one as they finish. Sandbox errors are not cached (rerun them; they are not the candidate's)."""
+) -> list[Candidate]:
+    """Every candidate with its sandbox label; each label is cached as its run finishes, so a rerun executes
+    only the programs not labelled yet (identical programs run once)."""
+    from sdk.evaluation import label_programs
     from sdk.humaneval import program
-    from sdk.sandbox import run_many
 
-    cached = _load_labels(path)
-    todo = [c for c in candidates if c.key not in cached]
-    todo = list({c.key: c for c in todo}.values())  # one run per distinct program
-
-    def record(i: int, result: Any) -> None:
-        cached[todo[i].key] = (result.status, result.detail)
-        if result.status == "error":
-            return
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"key": todo[i].key, "status": result.status, "detail": result.detail}) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    if todo:
-        sources = [program(problems[c.task_id], c.completion) for c in todo]
-        run_many(
-            sources,
-            timeout_s=cfg.sandbox.timeout_s,
-            memory_mb=cfg.sandbox.memory_mb,
-            on_result=record,
-            desc="humaneval-exec: run tests",
-        )
-    out = []
-    for c in candidates:
-        status, detail = cached[c.key]
-        out.append(Candidate(c.task_id, c.source, c.index, c.reply, c.completion, status, detail[-300:]))
-    return out, len(todo)
+    labels = label_programs(
+        [program(problems[c.task_id], c.completion) for c in candidates],
+        timeout_s=cfg.sandbox.timeout_s,
+        memory_mb=cfg.sandbox.memory_mb,
+        cache_path=path,
+        desc="humaneval-exec: run tests",
+    )
+    return [
+        Candidate(c.task_id, c.source, c.index, c.reply, c.completion, got["status"], got["detail"][-300:])
+        for c, got in zip(candidates, labels, strict=True)
+    ]
 
 
 def build_humaneval_exec(cfg: HumanEvalExecSpec, outdir: Path) -> tuple[Path, dict[str, Any]]:
@@ -141,7 +106,7 @@ def build_humaneval_exec(cfg: HumanEvalExecSpec, outdir: Path) -> tuple[Path, di
             candidates.append(Candidate(tid, "sample", j, reply, humaneval.completion_from_reply(p, reply)))
         reply = canonical_reply(p)
         candidates.append(Candidate(tid, "canonical", -1, reply, humaneval.completion_from_reply(p, reply)))
-    labelled, executed = label(by_id, candidates, cfg, outdir / LABELS)
+    labelled = label(by_id, candidates, cfg, outdir / LABELS)
 
     rows: list[dict[str, Any]] = []
     with_pairs = 0
@@ -171,7 +136,6 @@ def build_humaneval_exec(cfg: HumanEvalExecSpec, outdir: Path) -> tuple[Path, di
         "task_ids": [p["task_id"] for p in problems],
         "k": cfg.k,
         "candidates": len(labelled),
-        "programs_run": executed,
         "sampled_statuses": dict(sorted(statuses.items())),
         "pass_rate": round(statuses.get("passed", 0) / len(sampled), 4) if sampled else None,
         "canonical_passed": sum(c.status == "passed" for c in canonical),

@@ -89,7 +89,7 @@ def test_build_labels_by_execution_and_includes_the_canonical_solution(fake_samp
     # per problem: passing {right, canonical} x failing {wrong, broken} = 4 pairs
     assert len(rows) == 12 and summary["pairs"] == 12 and summary["problems_with_pairs"] == 3
     assert summary["sampled_statuses"] == {"failed": 6, "passed": 3} and summary["pass_rate"] == 0.3333
-    assert summary["canonical_passed"] == 3 and summary["programs_run"] == 9 and summary["sandbox_errors"] == 0
+    assert summary["canonical_passed"] == 3 and summary["sandbox_errors"] == 0
     problems = {p["task_id"]: p for p in humaneval.load_problems(3, from_end=True)}
     first = [r for r in rows if r["task_id"] == "HumanEval/163"]
     p163 = problems["HumanEval/163"]
@@ -113,34 +113,35 @@ def test_cap_limits_pairs_per_problem(fake_sample, tmp_path):
 
 def test_labels_are_cached_as_they_finish_so_a_kill_redoes_none(fake_sample, tmp_path, monkeypatch):
     real = sdk.sandbox.run_many
-    executed: list[int] = []
+    runs: list[int] = []  # programs handed to the sandbox, per call
 
-    def killed_after_five(sources, *, on_result, **kw):
-        def record(i, result):
-            on_result(i, result)
-            executed.append(i)
-            if len(executed) == 5:
-                raise KeyboardInterrupt
+    def killed_after(limit: int | None):
+        def run_many(sources, *, on_result, **kw):
+            runs.append(len(sources))
 
-        return real(sources, on_result=record, workers=1, **{k: v for k, v in kw.items() if k != "workers"})
+            def record(i, result):
+                on_result(i, result)
+                if i + 1 == limit:  # one worker: results arrive in order
+                    raise KeyboardInterrupt
 
-    monkeypatch.setattr(sdk.sandbox, "run_many", killed_after_five)
+            return real(sources, on_result=record, **{**kw, "workers": 1})
+
+        return run_many
+
+    monkeypatch.setattr(sdk.sandbox, "run_many", killed_after(5))
     with pytest.raises(KeyboardInterrupt):
         build_humaneval_exec(exec_cfg(), tmp_path / "data")
+    assert runs == [9]  # 3 problems x 3 distinct programs (the right reply and the canonical one are the same code)
     assert len((tmp_path / "data" / "labels.jsonl").read_text().splitlines()) == 5
     assert not (tmp_path / "data" / "humaneval-exec.parquet").exists()
 
-    monkeypatch.setattr(sdk.sandbox, "run_many", real)
-    _, summary = build_humaneval_exec(exec_cfg(), tmp_path / "data")
-    assert summary["programs_run"] == 9 - 5
+    monkeypatch.setattr(sdk.sandbox, "run_many", killed_after(None))
+    build_humaneval_exec(exec_cfg(), tmp_path / "data")
+    assert runs == [9, 4]  # only the programs not labelled before the kill
     first = (tmp_path / "data" / "humaneval-exec.parquet").read_bytes()
 
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("every label is cached")
-
-    monkeypatch.setattr(sdk.sandbox, "run_many", must_not_run)
-    _, again = build_humaneval_exec(exec_cfg(), tmp_path / "data")
-    assert again["programs_run"] == 0
+    build_humaneval_exec(exec_cfg(), tmp_path / "data")
+    assert runs == [9, 4]  # every label cached: nothing runs
     assert (tmp_path / "data" / "humaneval-exec.parquet").read_bytes() == first  # deterministic rebuild
 
 
