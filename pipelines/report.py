@@ -363,8 +363,32 @@ def _evaluate_section(root: Path) -> list[str]:
     if rows:
         lines += ["Reward-model accuracy (share of pairs with r(chosen) > r(rejected), ties half):", ""]
         lines += [*_table(("pairs", "accuracy", "n"), rows), ""]
+    for name in ("humaneval", "math"):
+        block = results.get(name) if isinstance(results, dict) else None
+        if isinstance(block, dict) and isinstance(block.get("curve"), dict):
+            lines += [*_bon_table(name, block), ""]
     lines += [f"![{png.stem}](evaluate/{png.name})" for png in pngs]
     return lines
+
+
+def _bon_table(name: str, block: dict[str, Any]) -> list[str]:
+    """Best-of-N solve rate per N: the RM's pick (mean ± std over draws) against random, voting and oracle."""
+    curve = block["curve"]
+    ns = curve.get("n") or []
+
+    def at(key: str, i: int) -> str:
+        value = curve.get(key)
+        if isinstance(value, dict):  # {"mean": [...], "std": [...]}
+            mean, std = value.get("mean") or [], value.get("std") or []
+            return f"{mean[i]:.3f} ± {std[i]:.3f}" if i < len(mean) and i < len(std) else ""
+        return f"{value[i]:.3f}" if isinstance(value, list) and i < len(value) else ""
+
+    columns = [c for c in ("rm", "random", "majority", "weighted_vote", "oracle") if c in curve]
+    rows = [(n, *(at(c, i) for c in columns)) for i, n in enumerate(ns)]
+    rate = block.get("sample_pass_rate")
+    intro = f"Best-of-N on {name} ({block.get('problems', curve.get('problems', '?'))} problems"
+    intro += f", sample pass rate {rate:.3f})" if isinstance(rate, int | float) else ")"
+    return [intro + ": share of problems whose picked candidate passes.", "", *_table(("N", *columns), rows)]
 
 
 def _samples_section(root: Path) -> list[str]:

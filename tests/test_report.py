@@ -83,8 +83,12 @@ def full_workdir(root: Path) -> Path:
     })  # fmt: skip
     record(root, "evaluate", 60.0, heldout_accuracy=0.667)
     atomic_write_json(root / "evaluate" / "results.json", {
-        "rm_accuracy": {"heldout": {"accuracy": 0.6667, "n": 3}},
-        "best_of_n": {"humaneval": {"n": [1, 2, 4], "rm": [0.1, 0.15, 0.2]}},
+        "model": str(root / "finetune" / "final"),
+        "heldout": {"data": "x", "accuracy": 0.6667, "mean_margin": 0.1, "n": 3,
+                    "by_language": {"python": {"accuracy": 0.6667, "mean_margin": 0.1, "n": 3}}},
+        "humaneval": {"problems": 4, "k": 4, "sample_pass_rate": 0.125, "curve": {
+            "n": [1, 2, 4], "problems": 4, "random": [0.125] * 3, "oracle": [0.125, 0.2, 0.25],
+            "rm": {"mean": [0.125, 0.15, 0.25], "std": [0.05, 0.04, 0.0]}}},
     })  # fmt: skip
     (root / "evaluate" / "bon_humaneval.png").write_bytes(tiny_png())
     return root
@@ -124,7 +128,9 @@ def test_full_report_has_every_section_and_its_plots(spec, tmp_path):
     assert "| pairs: passed checks | 38 | truncated: 23 |" in text  # zero-count reasons left out
     assert "| pairs: written (balanced) | 12 | length_bias: 26 |" in text
     assert "before 0.130, after 0.420" in text
-    assert "| rm_accuracy.heldout | 0.6667 | 3 |" in text
+    assert "| heldout | 0.6667 | 3 |" in text and "| heldout.by_language.python | 0.6667 | 3 |" in text
+    assert "Best-of-N on humaneval (4 problems, sample pass rate 0.125)" in text
+    assert "| N | rm | random | oracle |" in text and "| 4 | 0.250 ± 0.000 | 0.125 | 0.250 |" in text
     assert "| finetune | 8 | 3 | 0.3333 | 1 | 2 |" in text
     assert "HumanEval/160 .. HumanEval/163" in text and "| sampled_statuses | failed: 7, timeout: 1 |" in text
     assert text.count("** (heldout)") == 3 and "[... " in text  # three held-out samples, long sides truncated
