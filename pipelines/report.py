@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -346,7 +347,7 @@ def _accuracy_rows(node: Any, path: str = "") -> Iterable[tuple[str, Any, Any]]:
     """Every dict holding a numeric `accuracy`, wherever the evaluate stage put it, as (where, accuracy, n)."""
     if isinstance(node, dict):
         if isinstance(node.get("accuracy"), int | float):
-            yield path or "heldout", node["accuracy"], node.get("n")
+            yield re.sub(r"\.by_(\w+)\.", r": \1 = ", path) or "heldout", node["accuracy"], node.get("n")
         for key, value in node.items():
             if key != "accuracy":
                 yield from _accuracy_rows(value, f"{path}.{key}" if path else str(key))

@@ -128,7 +128,7 @@ def test_full_report_has_every_section_and_its_plots(spec, tmp_path):
     assert "| pairs: passed checks | 38 | truncated: 23 |" in text  # zero-count reasons left out
     assert "| pairs: written (balanced) | 12 | length_bias: 26 |" in text
     assert "before 0.130, after 0.420" in text
-    assert "| heldout | 0.6667 | 3 |" in text and "| heldout.by_language.python | 0.6667 | 3 |" in text
+    assert "| heldout | 0.6667 | 3 |" in text and "| heldout: language = python | 0.6667 | 3 |" in text
     assert "Best-of-N on humaneval (4 problems, sample pass rate 0.125)" in text
     assert "| N | rm | random | oracle |" in text and "| 4 | 0.250 ± 0.000 | 0.125 | 0.250 |" in text
     assert "| finetune | 8 | 3 | 0.3333 | 1 | 2 |" in text
