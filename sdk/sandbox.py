@@ -5,7 +5,8 @@ session with a scrubbed environment, cwd = a fresh temp dir, and kills the whole
 runs out. Before handing control to the program, the boot code (this file, run as a script: stdlib only)
 locks the interpreter down, each layer enforced by the kernel so the program cannot undo it:
 
-- rlimits (soft = hard): address space `memory_mb`, CPU seconds, file size, open files, no core dumps;
+- rlimits: address space `memory_mb`, CPU seconds, file size, open files, no core dumps (and, only where
+  seccomp is missing and we are not root, RLIMIT_NPROC = 1);
 - seccomp: `socket()` (no network, no IPC sockets), `fork`/`vfork`/process-creating `clone` (threads are
   allowed), `clone3` (ENOSYS so libc falls back to `clone`) and `io_uring_setup` fail; other syscall ABIs
   (x32, 32-bit `int 0x80`) kill the process. This also contains a fork bomb when we run as root, where
@@ -194,21 +195,25 @@ _SYS_AARCH64 = {"socket": 198, "clone": 220, "clone3": 435, "io_uring_setup": 42
 _AUDIT_ARCH = {"x86_64": (0xC000003E, _SYS_X86_64), "aarch64": (0xC00000B7, _SYS_AARCH64)}
 
 
-def _set_limits(memory_mb: int, timeout_s: float) -> None:
+def _set_limits(memory_mb: int, timeout_s: float, seccomp: bool) -> None:
+    """Hard limits the program cannot raise. The CPU limit's soft value sends SIGXCPU (reported as a timeout)
+    a second before the hard one kills; it only matters for threads, the wall clock stops a single one first."""
     import math
     import resource
 
     cpu = math.ceil(timeout_s) + 1
-    for name, value in (
-        ("RLIMIT_AS", memory_mb * 1024 * 1024),
-        ("RLIMIT_CPU", cpu),
-        ("RLIMIT_FSIZE", _FSIZE_MB * 1024 * 1024),
-        ("RLIMIT_NOFILE", 64),
-        ("RLIMIT_CORE", 0),
-        ("RLIMIT_NPROC", 1 if os.getuid() != 0 else None),  # root ignores it; seccomp covers that case
-    ):
-        if value is not None and hasattr(resource, name):
-            resource.setrlimit(getattr(resource, name), (value, value))
+    limits = {
+        "RLIMIT_AS": (memory_mb * 1024 * 1024,) * 2,
+        "RLIMIT_CPU": (cpu, cpu + 1),
+        "RLIMIT_FSIZE": (_FSIZE_MB * 1024 * 1024,) * 2,
+        "RLIMIT_NOFILE": (64, 64),
+        "RLIMIT_CORE": (0, 0),
+    }
+    if not seccomp and os.getuid() != 0:  # no fork filter here: forbid new tasks (threads too) instead
+        limits["RLIMIT_NPROC"] = (1, 1)
+    for name, (soft, hard) in limits.items():
+        if hasattr(resource, name):
+            resource.setrlimit(getattr(resource, name), (soft, hard))
 
 
 def _libc():
@@ -310,7 +315,7 @@ def _boot(argv: list[str]) -> None:
         libc = _libc()
         _no_new_privs(libc)
         active: dict[str, object] = {"landlock_abi": _landlock(libc, workdir), "seccomp": _seccomp(libc)}
-        _set_limits(memory_mb, timeout_s)  # last: the steps above need file descriptors and memory
+        _set_limits(memory_mb, timeout_s, bool(active["seccomp"]))  # last: the steps above need fds and memory
     except Exception as exc:
         print(f"codepmp-sandbox: cannot set up isolation: {exc}", file=sys.stderr)
         sys.exit(_BOOT_FAILED)

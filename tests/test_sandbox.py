@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from sdk.sandbox import ExecResult, layers, run_many, run_program
+from sdk.sandbox import ExecResult, _classify, layers, run_many, run_program
 
 
 def test_exit_status_decides_passed_and_failed():
@@ -39,6 +39,22 @@ def test_infinite_loop_is_killed_at_the_time_limit():
 def test_sleeping_program_is_killed_at_the_wall_clock_limit():
     result = run_program("import time\ntime.sleep(60)\n", timeout_s=1)
     assert result.status == "timeout" and result.seconds < 5
+
+
+def test_threads_burning_cpu_faster_than_the_clock_are_a_timeout_not_a_memory_kill():
+    source = (
+        "import hashlib, threading\n"
+        "def spin():\n"
+        "    block = bytes(1 << 20)\n"
+        "    while True:\n"
+        "        hashlib.sha256(block).digest()  # releases the GIL: threads add up CPU time\n"
+        "for _ in range(4):\n"
+        "    threading.Thread(target=spin, daemon=True).start()\n"
+        "threading.Event().wait()\n"
+    )
+    result = run_program(source, timeout_s=2)
+    assert result.status == "timeout", result
+    assert _classify(-signal.SIGXCPU, False, "", 2, 256)[0] == "timeout"
 
 
 def test_unbounded_allocation_hits_the_memory_limit():
