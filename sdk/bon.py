@@ -82,7 +82,8 @@ def best_of_n(
     equal: Callable[[str, str], bool] | None = None,
     weighting: Weighting = "softmax",
 ) -> BestOfN | list[BestOfN]:
-    """Pick the best of N candidates per prompt with `reward_model` (anything with `score(prompts, responses)`).
+    """Pick the best of N candidates per prompt with `reward_model` (a `RewardModel`, or anything with its
+    `score(prompts, responses, max_batch=..., max_length=...)`).
 
     `prompts` is one prompt (then `candidates` is a list of strings and one `BestOfN` comes back) or a list
     (then a list of candidate lists, any lengths, and a list comes back). Without `candidates`, `generator`
