@@ -13,7 +13,7 @@ from typing import Any
 
 from pipelines.languages import count_source_files
 from pipelines.models import BUNDLED
-from pipelines.spec import HUMANEVAL_EXEC, GeneratorSpec, ModelSpec, PruneSpec, SamplingSpec, Spec
+from pipelines.spec import GeneratorSpec, ModelSpec, PruneSpec, SamplingSpec, Spec
 from pipelines.stage import RunLayout
 
 # Stated assumptions (each printed by `plan`). GPU figures are for one H100 80GB in bf16.
@@ -31,7 +31,6 @@ CPU_BF16_FLOPS = 188e9  # measured here: 2 threads, AVX-512 BF16
 CPU_MFU = 0.3
 CURATE_MB_PER_CORE_S = 2.0  # datatrove read + filters + hashing, per CPU core
 HUMANEVAL_PROBLEMS = 164
-HUMANEVAL_EXEC_PAIRS = 4  # execution-labelled pass/fail pairs per HumanEval problem
 
 ASSUMPTIONS = {
     "bytes_per_token": BYTES_PER_TOKEN,
@@ -45,7 +44,7 @@ ASSUMPTIONS = {
         f"decode {CPU_DECODE_TOKENS_PER_S_135M:.0f} tokens/s for 135M (measured), train at "
         f"{CPU_MFU:.0%} of {CPU_BF16_FLOPS / 1e9:.0f} GFLOP/s bf16 (measured peak)"
     ),
-    "humaneval_exec_pairs_per_problem": HUMANEVAL_EXEC_PAIRS,
+    "humaneval_exec_pairs": "problems x max_pairs_per_problem (an upper bound: some problems get fewer)",
     "training_flops": "6 x params x tokens (upper bound when only some layers train)",
 }
 
@@ -244,7 +243,8 @@ def build_plan(spec: Spec, workdir: Path) -> list[StagePlan]:
             if stage == "pretrain":
                 n_pairs, src = (train_pairs, str(layout.stage_dir("pairs"))) if cfg.data is None else (0, cfg.data)
             else:
-                n_pairs = HUMANEVAL_PROBLEMS * HUMANEVAL_EXEC_PAIRS if cfg.data == HUMANEVAL_EXEC else 0
+                exec_data = cfg.humaneval_exec
+                n_pairs = exec_data.problems * exec_data.max_pairs_per_problem if exec_data else 0
                 src = cfg.data
             seq = (
                 min(cfg.max_length_tokens, instr_tokens + response_tokens + PROMPT_OVERHEAD_TOKENS)
