@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipelines.errors import DataError
-from sdk.data import EncodedPairs, collate_pairs, encode_pairs, fit, load_pairs, pad, sorted_batches
+from sdk.data import EncodedPairs, collate_pairs, encode_pairs, fit, pad, sorted_batches
 from sdk.losses import gather_last, lm_loss
 
 if TYPE_CHECKING:
@@ -221,23 +221,10 @@ class RewardModel:
         self, pairs: Any, *, max_length: int = 2048, max_batch: int = 16, group_by: str | None = "language"
     ) -> dict[str, Any]:
         """Pairwise accuracy (ties count half), mean margin r_c - r_r, n, and accuracy per `group_by` value."""
-        table = load_pairs(pairs)
-        encoded = self.encode(table, max_length, drop_identical=False)
-        seqs = [p.chosen for p in encoded.pairs] + [p.rejected for p in encoded.pairs]
-        scores = self.score_ids(seqs, max_batch=max_batch)
-        n = len(encoded.pairs)
-        margins = [c - r for c, r in zip(scores[:n], scores[n:], strict=True)]
-        wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
-        result: dict[str, Any] = {"accuracy": sum(wins) / n, "mean_margin": sum(margins) / n, "n": n}
-        if group_by and group_by in table.column_names:
-            keys = table.column(group_by).to_pylist()
-            groups: dict[str, list[float]] = {}
-            for p, w in zip(encoded.pairs, wins, strict=True):
-                groups.setdefault(str(keys[p.index]), []).append(w)
-            result[f"by_{group_by}"] = {
-                k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())
-            }
-        return result
+        from sdk.evaluation import heldout_accuracy
+
+        groups = (group_by,) if group_by else ()
+        return heldout_accuracy(self, pairs, group_by=groups, max_length=max_length, max_batch=max_batch)
 
     def best_of_n(self, prompts: Any, candidates: Any = None, **kwargs: Any) -> Any:
         """`sdk.bon.best_of_n` with this model as the reward model."""

@@ -116,7 +116,9 @@ def test_evaluate_counts_ties_half_and_groups_by_language(untied_dir: Path) -> N
     assert res["n"] == 6 and res["accuracy"] == pytest.approx(sum(wins) / 6)
     margins = [c - r for c, r in zip(scores_c, scores_r, strict=True)]
     assert res["mean_margin"] == pytest.approx(sum(margins) / 6, abs=1e-5)
-    assert res["by_language"]["python"] == {"accuracy": pytest.approx(sum(wins[0::2]) / 3), "n": 3}
+    python = res["by_language"]["python"]
+    assert python["accuracy"] == pytest.approx(sum(wins[0::2]) / 3) and python["n"] == 3
+    assert python["mean_margin"] == pytest.approx(sum(margins[0::2]) / 3, abs=1e-5)
     assert set(res["by_language"]) == {"python", "rust"}
 
 
