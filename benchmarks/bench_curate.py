@@ -14,7 +14,9 @@ steps wired by hand into `LocalPipelineExecutor`s with `depends=` and run once. 
 The machine's 2 cores are shared with other jobs, so wall time swings between rounds. Two defences: rounds
 are paired (bare, then codepmp, under the same load) and the ratio is also taken on CPU time (of the run's
 process and its children), which other jobs inflate far less. The throughput ratio codepmp/bare is
-bare time / codepmp time, median over the pairs; the goal is >= 0.95. `BENCH_ROUNDS=5` for more rounds.
+bare time / codepmp time, median over the pairs; the goal is >= 0.95. CI gates it through
+benchmarks/compare.py (recorded value and tolerance in benchmarks/baseline.json), not here.
+`BENCH_ROUNDS=5` for more rounds.
 """
 
 from __future__ import annotations
@@ -138,4 +140,3 @@ def test_curate_vs_bare_datatrove(benchmark: Any) -> None:
         f"of paired rounds: CPU time {cpu_ratio:.3f}, wall time {wall_ratio:.3f} (goal >= 0.95)"
     )
     assert CORPUS["out"] > 0.8 * files  # the run really curated the corpus
-    assert cpu_ratio > 0.9, f"codepmp reaches only {cpu_ratio:.2f}x the bare pipeline's throughput"
