@@ -15,6 +15,9 @@ the headline is the ratio of medians, with candidates per CPU-second of the proc
 
 Measured 2026-11-25 (2 vCPU, torch 2.13 CPU, fp32, other jobs on the machine, load average 2-5): 8 x 8,
 3 rounds: best_of_n 0.77 cand/s, loop 0.35 cand/s: 2.2x wall, 2.4x CPU; 2 x 8, 1 round: 4.0x wall, 3.5x CPU.
+On an IDLE machine (`make bench`, 8 x 8, 1 round) the loop wins: best_of_n 1.04 cand/s, loop 2.08 cand/s
+(0.50x); 4 x 8 scored with max_batch 1 / 4 / 16 took 13.9 / 13.1 / 16.6 s. Alone on 2 cores one sequence
+already saturates the matmul units, so batching only helps where neighbours leave cores idle between calls.
 The >= 5x goal is not met on this CPU, and cannot be at equal FLOPs: batched scoring runs at ~70 GFLOP/s,
 close to the ~78 GFLOP/s fp32 matmul peak of DESIGN.md, while one 300-token sequence at a time still reaches
 ~30 GFLOP/s, so batching can win ~2.5x at most here. Sharing the prompt's KV cache across its candidates
