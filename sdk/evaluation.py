@@ -54,7 +54,8 @@ def heldout_accuracy(
     table = load_pairs(pairs)
     encoded = reward_model.encode(table, max_length, drop_identical=False)
     seqs = [p.chosen for p in encoded.pairs] + [p.rejected for p in encoded.pairs]
-    scores = reward_model.score_ids(seqs, max_batch=max_batch)
+    prompt_lens = [p.prompt_len for p in encoded.pairs] * 2
+    scores = reward_model.score_ids(seqs, max_batch=max_batch, prefix_lens=prompt_lens)
     n = len(encoded.pairs)
     margins = [c - r for c, r in zip(scores[:n], scores[n:], strict=True)]
     wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]

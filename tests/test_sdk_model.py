@@ -47,6 +47,57 @@ def test_score_is_batch_invariant_over_mixed_lengths_and_padding_sides(lm_dir: P
     assert max(abs(a - b) for a, b in zip(alone[::-1], reversed_scores, strict=True)) < 1e-4  # input order kept
 
 
+def _shared_prompt_batch(seed: int = 0) -> tuple[list[str], list[str]]:
+    """Two prompts with 3 and 2 responses, a singleton, a 10-character prompt (too short to share) with 2,
+    and a 100-character prompt with 2 responses long enough that `max_length=80` keeps the same last 40
+    prompt characters for both: interleaved, so results must come back in input order."""
+    rng = random.Random(seed)
+    text = lambda k: "".join(rng.choices(string.ascii_letters + " ", k=k))  # noqa: E731
+    a, b, single, short, long = text(30), text(25), text(40), text(10), text(100)
+    rows = [(a, 5), (b, 12), (long, 45), (a, 30), (short, 8), (single, 20), (b, 1), (long, 60), (a, 17)]
+    rows.append((short, 25))
+    return [p for p, _ in rows], [text(k) for _, k in rows]
+
+
+@pytest.mark.parametrize("max_batch", [1, 16])
+def test_shared_prompt_scores_equal_each_sequence_scored_alone(
+    lm_dir: Path, max_batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefix sharing (one prompt forward, its KV cache repeated over the responses) changes no score and
+    keeps input order; the spy checks the shared path ran on exactly the groups that qualify."""
+    rm = RewardModel.from_pretrained(lm_dir)
+    prompts, responses = _shared_prompt_batch()
+    sequences, prompt_lens = rm._encode_responses(prompts, responses, max_length=80)
+    assert prompt_lens[2] == prompt_lens[7] == 40 < len(prompts[2])  # the long prompt was cut, the same way
+    alone = [rm.score_ids([s], max_batch=1)[0] for s in sequences]
+    assert len(set(alone)) == len(alone)  # distinct inputs, distinct rewards: the test can see a mix-up
+
+    calls: list[tuple[int, int]] = []
+    score_shared = RewardModel._score_shared
+
+    def spy(self, prefix, suffixes, *args):
+        calls.append((len(prefix), len(suffixes)))
+        return score_shared(self, prefix, suffixes, *args)
+
+    monkeypatch.setattr(RewardModel, "_score_shared", spy)
+    shared = rm.score(prompts, responses, max_batch=max_batch, max_length=80)
+    assert sorted(calls) == [(25, 2), (30, 3), (40, 2)]  # not the singleton, not the 10-token prompt
+    assert max(abs(a - b) for a, b in zip(alone, shared, strict=True)) < 1e-4
+    reordered = rm.score(prompts[::-1], responses[::-1], max_batch=max_batch, max_length=80)
+    assert max(abs(a - b) for a, b in zip(alone[::-1], reordered, strict=True)) < 1e-4
+    assert not rm.module.training
+
+
+def test_identical_sequences_get_exactly_equal_scores(untied_dir: Path) -> None:
+    """A duplicated response (a tie in RM accuracy) scores bit-for-bit the same, wherever it lands in a batch
+    with the shared-prompt path: scored once, not twice in differently shaped batches."""
+    rm = RewardModel.from_pretrained(untied_dir)
+    prompts, responses = _shared_prompt_batch(seed=1)
+    prompts, responses = prompts + prompts[:3], responses + responses[:3]
+    scores = rm.score(prompts, responses, max_batch=2, max_length=80)
+    assert scores[-3:] == scores[:3]
+
+
 def test_padded_loss_equals_per_sequence_hand_computation(lm_dir: Path) -> None:
     """The full model loss on a padded batch (left or right) equals the value assembled by hand from each
     sequence run alone, without padding."""
