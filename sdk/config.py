@@ -41,7 +41,9 @@ class TrainConfig(StrictModel):
     max_length_tokens: int = Field(1024, gt=8, description="Prompt + response tokens per sequence.")
     grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip; null disables.")
 
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the hardware runs it natively (GPU, AVX512-BF16/AMX CPU), else fp32."
+    )
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     gradient_checkpointing: bool = False

@@ -32,7 +32,7 @@ from torch import nn
 
 from pipelines.errors import DataError, RunError
 from sdk.config import TrainConfig
-from sdk.data import EncodedPair, length_grouped_batches, load_pairs, steps_for
+from sdk.data import EncodedPair, EncodedPairs, length_grouped_batches, load_pairs, steps_for
 from sdk.losses import reward_model_loss
 
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ class TrainResult:
 # --------------------------------------------------------------------------- distributed set-up
 
 
-def setup_distributed() -> tuple[int, int]:
-    """Join (or create) the process group; returns (rank, world size).
+def setup_distributed() -> tuple[int, int, bool]:
+    """Join (or create) the process group; returns (rank, world size, whether this call created it).
 
     Without a launcher there are no rank variables: a single process sets them itself. On a CPU-only
     machine DeepSpeed must be told to use its CPU accelerator, and collectives go over gloo.
@@ -78,9 +78,10 @@ def setup_distributed() -> tuple[int, int]:
         os.environ.setdefault(key, value)
     import deepspeed
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", verbose=False)
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), created
 
 
 # --------------------------------------------------------------------------- schedule and steps
@@ -169,9 +170,32 @@ def fingerprint(rm: RewardModel) -> str:
     return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
 
 
+def native_bf16() -> bool:
+    """Whether this machine computes in bf16 natively: a GPU that supports it, or a CPU with AVX512-BF16/AMX.
+
+    Elsewhere PyTorch emulates bf16 matmuls: on a 2-core AMD EPYC Zen 3 (AVX2 only) benchmarks/bench_train.py took
+    31 min in bf16 and 170 s in fp32 (same steps), so "auto" precision trains in fp32 there.
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no cheap way to tell, and fp32 is never slow by emulation
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """The precision a TrainConfig trains in here: "auto" becomes bf16 or fp32 (`native_bf16`)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16() else "fp32"
+
+
 def ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
     """The DeepSpeed config implied by a TrainConfig (one pair = one DeepSpeed "sample")."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    precision = resolve_precision(cfg.precision)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
@@ -179,8 +203,8 @@ def ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "train_batch_size": cfg.micro_batch_pairs * cfg.grad_accum_steps * world,
         "gradient_clipping": cfg.grad_clip or 0.0,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16"},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs compiled ops
         "zero_force_ds_cpu_optimizer": False,
@@ -204,23 +228,42 @@ def train(
 
     `on_step(step, metrics)` runs on every process after each optimizer step (logging hooks, tests).
     """
-    from tqdm.auto import tqdm
-
     from sdk.model import _check_writable
 
     out = Path(output_dir)
     _check_writable(out)
-    ckpt_dir = out / "checkpoints"
     if cfg.lm_coef > 0 and rm.module.lm_head is None:
         raise DataError(f"{rm.source} has no LM head (untied and not in the checkpoint): set lm_coef=0")
 
-    table = load_pairs(pairs)
-    encoded = rm.encode(table, cfg.max_length_tokens)
-    data = encoded.pairs
+    encoded = rm.encode(load_pairs(pairs), cfg.max_length_tokens)
+    rank, world, created_group = setup_distributed()
+    try:
+        return _train_in_group(rm, encoded, out, cfg, rank, world, on_step)
+    finally:
+        if created_group and world == 1:
+            # Leave the process as found, even after an error: while a group is live, the next vLLM engine must
+            # run in its own process (`pipelines.engine.set_engine_process`), which on CPU starts 3x slower and
+            # generates 1.6x slower. DeepSpeed's call also drops the groups it cached, which torch's leaves stale.
+            import deepspeed
 
-    rank, world = setup_distributed()
+            deepspeed.comm.destroy_process_group()
+
+
+def _train_in_group(
+    rm: RewardModel,
+    encoded: EncodedPairs,
+    out: Path,
+    cfg: TrainConfig,
+    rank: int,
+    world: int,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+) -> TrainResult:
+    """The loop proper, inside the process group `train` set up."""
     import deepspeed
+    from tqdm.auto import tqdm
 
+    ckpt_dir = out / "checkpoints"
+    data = encoded.pairs
     torch.manual_seed(cfg.seed)
     module = rm.module
     if cfg.trainable_layers is not None:
@@ -280,10 +323,12 @@ def train(
             "steps": total,
             "resumed_from": start or None,
             "world_size": world,
+            "precision": resolve_precision(cfg.precision),
         }
         _atomic_write(out / "data_summary.json", json.dumps(summary, indent=2))
         tqdm.write(f"pairs: {len(data)} of {encoded.n_input} used, {encoded.dropped_identical} identical after "
-                   f"truncation dropped, {encoded.truncated} truncated; {total} steps from step {start}")  # fmt: skip
+                   f"truncation dropped, {encoded.truncated} truncated; {total} steps from step {start}, "
+                   f"{summary['precision']}")  # fmt: skip
     module.train()
     bar = tqdm(total=total, initial=start, disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
     for step in range(start, total):

@@ -166,7 +166,8 @@ PROMPTS = [f"Write a Python function that returns the {i}-th prime number." for 
 
 
 def run_driver(cache: Path, kills: int) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    # The EngineCore in its own process, as on GPU (on CPU it may run in-process, with nothing to kill).
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     proc = subprocess.run(
         [sys.executable, __file__, str(cache), str(kills)], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=600,

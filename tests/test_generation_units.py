@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import types
 from pathlib import Path
 
@@ -10,7 +11,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipelines.describe import clean_instruction, drop_reason, fit_code
-from pipelines.engine import Generator, RequestCache, model_label, request_seed
+from pipelines.engine import (
+    Generator,
+    RequestCache,
+    cpu_dtype,
+    model_label,
+    request_seed,
+    set_engine_process,
+)
 from pipelines.errors import DataError
 from pipelines.generate import generation_prompt
 from pipelines.languages import stdlib_dir
@@ -44,6 +52,29 @@ def test_request_seeds_depend_on_request_and_base_seed_only():
     assert request_seed(0, "doc-1") != request_seed(0, "doc-2")
     assert request_seed(0, "doc-1") != request_seed(1, "doc-1")
     assert 0 <= request_seed(7, "x") < 2**31
+
+
+def test_engine_core_runs_in_process_on_cpu_only_while_no_process_group_is_live(monkeypatch, tmp_path: Path):
+    import torch.distributed as dist
+
+    import pipelines.engine as engine
+
+    var = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    monkeypatch.setenv(var, "")  # restored after the test
+    monkeypatch.setattr(engine, "_USER_ENGINE_PROCESS", None)
+    set_engine_process(cuda=False)
+    assert os.environ[var] == "0"
+    set_engine_process(cuda=True)
+    assert os.environ[var] == "1"  # GPU: vLLM's own default, a separate EngineCore process
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        set_engine_process(cuda=False)  # in-process, closing the engine would destroy this group
+        assert os.environ[var] == "1"
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.setattr(engine, "_USER_ENGINE_PROCESS", "1")
+    set_engine_process(cuda=False)
+    assert os.environ[var] == "1"
 
 
 def test_model_label_names_the_derivation():
@@ -152,3 +183,9 @@ def test_an_overlong_instruction_is_cut_but_the_prompt_still_ends_with_the_assis
     prompt = gen.tokenizer.decode(ids)
     assert prompt.endswith("<|im_start|>assistant\n")  # the chat markup that asks for a reply survives
     assert "Implement this in python" in prompt and "Step 0:" in prompt and "Step 199:" not in prompt
+
+
+def test_auto_dtype_is_float32_on_cpu_and_an_explicit_one_is_kept():
+    """vLLM's own "auto" is bfloat16 on CPU, which is not batch-invariant there (a resumed run diverges)."""
+    assert cpu_dtype("auto") == "float32"
+    assert cpu_dtype("bfloat16") == "bfloat16"

@@ -61,6 +61,7 @@ def test_tiny_model_learns_planted_preference(lm_dir: Path, pairs_file: Path, tm
     # the same in-memory model goes on to finetuning (ranking loss only), as in the CodePMP recipe
     tuned = rm.finetune(pairs_file, tmp_path / "ft", max_steps=5, micro_batch_pairs=8, zero_stage=2, **FAST)
     assert tuned.resumed_from is None and all(r["lm"] == 0.0 for r in tuned.history)
+    assert not torch.distributed.is_initialized()  # a later in-process vLLM engine would adopt and destroy it
     assert rm.evaluate(heldout)["accuracy"] > 0.9
 
 
@@ -103,6 +104,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     cfg.update(FAST)
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 4.*step-0000002"):
         RewardModel.from_pretrained(lm_dir).finetune(pairs_file, out, **cfg)
+    assert not torch.distributed.is_initialized()  # the group it created is gone, error or not
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000002"
     assert not (out / "final").exists() and not (out / "checkpoints" / "step-0000004").exists()
 
@@ -136,6 +138,22 @@ def test_pairs_identical_after_truncation_are_dropped_and_counted() -> None:
     assert [p.index for p in enc.pairs] == [2] and enc.truncated == 1
     with pytest.raises(DataError, match="no usable pairs"):
         encode_pairs(pa.Table.from_pylist(rows[:2]), tok, max_length=20)
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    real_path = sdk.train.Path
+    monkeypatch.setattr(sdk.train, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpuinfo.write_text("flags\t\t: fpu sse avx2 avx512f avx512bw\n")  # AVX-512 without bf16: emulated
+    assert sdk.train.resolve_precision("auto") == "fp32"
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert sdk.train.resolve_precision("auto") == "bf16"
+    assert sdk.train.ds_config(TrainConfig(precision="auto"), 1)["bf16"]["enabled"]
+    cpuinfo.unlink()  # no /proc (not Linux)
+    assert sdk.train.resolve_precision("auto") == "fp32"
+    assert not sdk.train.ds_config(TrainConfig(precision="auto"), 1)["bf16"]["enabled"]
+    assert sdk.train.resolve_precision("bf16") == "bf16"  # an explicit choice is kept
 
 
 def test_finetune_defaults_come_from_the_spec() -> None:
