@@ -18,11 +18,11 @@ import re
 from collections import Counter
 from typing import Any
 
-from pipelines.engine import Generator, Request, RequestCache
+from pipelines.engine import Generator, Request, RequestCache, leave_idle, open_generator
 from pipelines.errors import RunError
 from pipelines.pairs.checks import is_repetition_loop
 from pipelines.shards import read_shards, stage_shards, write_parts
-from pipelines.spec import DescribeSpec
+from pipelines.spec import DescribeSpec, ModelSpec
 from pipelines.stage import Stage
 
 _FENCE = re.compile(r"```.*?(```|$)", re.DOTALL)
@@ -57,13 +57,16 @@ def fit_code(generator: Generator, cfg: DescribeSpec, doc: dict[str, Any]) -> tu
 class DescribeStage(Stage):
     name = "describe"
 
+    def first_model(self) -> ModelSpec | None:
+        return self.spec.describe.model if self.spec.describe else None
+
     def run(self) -> dict[str, Any]:
         cfg = self.spec.describe
         assert cfg is not None
         docs = list(read_shards(stage_shards(self.layout.stage_dir("curate"))))
         if not docs:
             raise RunError(f"describe: no curated documents in {self.layout.stage_dir('curate') / 'output'}")
-        generator = Generator(cfg.model)
+        generator = open_generator(cfg.model)
         try:
             requests, meta = [], {}
             truncated = 0
@@ -76,7 +79,7 @@ class DescribeStage(Stage):
             cached = len(cache.load())
             results = generator.run(requests, cfg.sampling, cache, desc=f"describe ({generator.label})")
         finally:
-            generator.close()
+            leave_idle(generator)  # generate's strong model may be the same spec
 
         kept, drops = [], Counter()
         for request in requests:

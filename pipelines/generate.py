@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.engine import Generator, Request, RequestCache, model_label
+from pipelines.engine import Request, RequestCache, leave_idle, model_label, open_generator
 from pipelines.errors import RunError
 from pipelines.shards import read_shards, stage_shards, write_parts
+from pipelines.spec import ModelSpec
 from pipelines.stage import Stage
 
 # Markdown fence tags for languages whose name is not its usual tag.
@@ -30,6 +31,9 @@ def generation_prompt(template: str, record: dict[str, Any]) -> str:
 class GenerateStage(Stage):
     name = "generate"
 
+    def first_model(self) -> ModelSpec | None:
+        return self.spec.generate.strong.model if self.spec.generate else None
+
     def run(self) -> dict[str, Any]:
         cfg = self.spec.generate
         assert cfg is not None
@@ -43,7 +47,7 @@ class GenerateStage(Stage):
         for role, gen in (("strong", cfg.strong), ("weak", cfg.weak)):
             cache = RequestCache(self.outdir / "cache" / f"{role}.jsonl")
             summary[f"{role}_resumed_from_cache"] = len(cache.load())
-            generator = Generator(gen.model)
+            generator = open_generator(gen.model)  # the describer's engine when it is the same spec
             try:
                 budget = generator.max_model_len - gen.sampling.max_new_tokens
                 requests, cut = [], 0
@@ -56,7 +60,7 @@ class GenerateStage(Stage):
                     cut += truncated
                 replies[role] = generator.run(requests, gen.sampling, cache, desc=f"{role} ({generator.label})")
             finally:
-                generator.close()
+                leave_idle(generator)
             summary[f"{role}_truncated_prompts"] = cut
             summary[f"{role}_tokens"] = sum(s["tokens"] for samples in replies[role].values() for s in samples)
         out = []

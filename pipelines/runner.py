@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.engine import close_idle
 from pipelines.errors import RunError, SpecError
 from pipelines.spec import Spec, dump_resolved
 from pipelines.stage import RunLayout, Stage, atomic_write_json, atomic_write_text
@@ -174,6 +175,7 @@ def run_spec(
                     continue
                 results.append(_run_one(spec, layout, classes[stage], decision, prints, echo))
         finally:
+            close_idle()
             _report(spec, layout, echo)
     if missing is not None:
         raise missing
@@ -227,8 +229,10 @@ def _run_one(
     }
     atomic_write_json(outdir / RECORD, record)
     start = time.monotonic()
+    instance = cls(spec, layout)
+    close_idle(keep=instance.first_model())  # the previous stage's engine, unless this stage loads it first
     try:
-        summary = cls(spec, layout).run()
+        summary = instance.run()
     except BaseException as exc:
         echo(
             f"  {stage} stopped after {time.monotonic() - start:.1f}s ({type(exc).__name__}); "

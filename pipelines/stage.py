@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipelines.spec import Spec
+from pipelines.spec import ModelSpec, Spec
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ class Stage(ABC):
     @property
     def outdir(self) -> Path:
         return self.layout.stage_dir(self.name)
+
+    def first_model(self) -> ModelSpec | None:
+        """The model this stage loads first on vLLM, if any: an idle engine of that spec is kept for it."""
+        return None
 
     @abstractmethod
     def run(self) -> dict[str, Any]:
