@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import RunError
-from pipelines.stage import Stage, atomic_write_json
+from pipelines.stage import Stage
 from sdk import sandbox
+from sdk.fileio import atomic_write_json
 
 MATH_DRAWS = 20  # draws for the math curves when the spec has no best_of_n section to take them from
 

@@ -15,15 +15,13 @@ Rebuilding from the caches is deterministic.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines.errors import RunError
 from pipelines.spec import HumanEvalExecSpec
-from pipelines.stage import atomic_write_json
+from sdk.fileio import atomic_path, atomic_write_json
 
 OUTPUT = "humaneval-exec.parquet"
 SAMPLES = "samples.jsonl"
@@ -159,10 +157,5 @@ def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -13,14 +13,13 @@ import fcntl
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipelines.errors import CodepmpError
 from pipelines.spec import ModelSpec, PruneSpec
+from sdk.fileio import atomic_dir
 
 
 class ModelError(CodepmpError):
@@ -67,14 +66,8 @@ def _cached(key: str, build: Callable[[Path], None]) -> Path:
     with _lock(target.parent / f"{key}.lock"):  # not with_suffix: `Qwen2.5-7B` would lock as `Qwen2.lock`
         if (target / "config.json").is_file():  # another process built it while we waited
             return target
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}."))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by the machine's users
-        try:
+        with atomic_dir(target) as tmp:
             build(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return target
 
 

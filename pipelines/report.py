@@ -10,9 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,8 @@ from typing import Any
 from pipelines.errors import DataError
 from pipelines.runner import read_record
 from pipelines.spec import STAGES, Spec
-from pipelines.stage import RunLayout, atomic_write_text
+from pipelines.stage import RunLayout
+from sdk.fileio import atomic_path, atomic_write_text
 
 PLOTS = "report"
 SAMPLE_PAIRS = 3
@@ -122,15 +121,11 @@ class Plots:
         return self._plt
 
     def save(self, fig: Any, name: str, alt: str) -> str:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
         try:
             fig.tight_layout()
-            fig.savefig(tmp, format="png", dpi=100)
-            os.replace(tmp, self.dir / name)
+            with atomic_path(self.dir / name) as tmp:
+                fig.savefig(tmp, format="png", dpi=100)
         finally:
-            Path(tmp).unlink(missing_ok=True)
             self.plt.close(fig)
         return f"![{alt}]({PLOTS}/{name})"
 

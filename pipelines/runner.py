@@ -24,7 +24,8 @@ from typing import Any
 from pipelines.engine import close_idle
 from pipelines.errors import RunError, SpecError
 from pipelines.spec import Spec, dump_resolved
-from pipelines.stage import RunLayout, Stage, atomic_write_json, atomic_write_text
+from pipelines.stage import RunLayout, Stage
+from sdk.fileio import atomic_write_json, atomic_write_text
 
 # Import path of each implemented stage ("module:Class"). A declared stage missing here is not built yet.
 STAGE_IMPLS: dict[str, str] = {

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pipelines.errors import DataError
+from sdk.fileio import atomic_path
 
 
 def stage_shards(stage_dir: Path) -> list[Path]:
@@ -46,18 +45,11 @@ def read_shards(files: Iterable[Path]) -> Iterator[dict[str, Any]]:
 
 def write_shard(path: Path, records: Iterable[dict[str, Any]]) -> int:
     """Write a gzip JSON-lines shard via a temp file and rename: readers never see half a shard."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
-            for record in records:
-                handle.write((json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode())
-                count += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
+        for record in records:
+            handle.write((json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode())
+            count += 1
     return count
 
 

@@ -15,7 +15,6 @@ import hashlib
 import json
 import operator
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from pipelines.errors import DataError
 from sdk.bon import Weighting, best_of_n, extract_answer, group_answers, majority_vote, math_equal, weighted_vote
+from sdk.fileio import atomic_path
 
 DEFAULT_GROUPS = ("language", "rejected_parses", "rejected_finish")
 
@@ -364,15 +364,8 @@ def plot_bon(curve: dict[str, Any], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
     return path

@@ -33,6 +33,7 @@ from torch import nn
 from pipelines.errors import DataError, RunError
 from sdk.config import TrainConfig
 from sdk.data import EncodedPair, EncodedPairs, length_grouped_batches, load_pairs, steps_for
+from sdk.fileio import atomic_write_text
 from sdk.losses import reward_model_loss
 
 if TYPE_CHECKING:
@@ -325,7 +326,7 @@ def _train_in_group(
             "world_size": world,
             "precision": resolve_precision(cfg.precision),
         }
-        _atomic_write(out / "data_summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(out / "data_summary.json", json.dumps(summary, indent=2))
         tqdm.write(f"pairs: {len(data)} of {encoded.n_input} used, {encoded.dropped_identical} identical after "
                    f"truncation dropped, {encoded.truncated} truncated; {total} steps from step {start}, "
                    f"{summary['precision']}")  # fmt: skip
@@ -428,7 +429,7 @@ def _save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, An
     tag = f"step-{step:07d}"
     if rank == 0:
         (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-        _atomic_write(ckpt_dir / tag / "trainer_state.json", json.dumps(state, indent=2))
+        atomic_write_text(ckpt_dir / tag / "trainer_state.json", json.dumps(state, indent=2))
     engine.save_checkpoint(str(ckpt_dir), tag=tag)
     return ckpt_dir / tag
 
@@ -487,10 +488,4 @@ def _write_lines(path: Path, rows: list[dict[str, Any]], append: bool = False) -
         with open(path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     else:
-        _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

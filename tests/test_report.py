@@ -20,7 +20,8 @@ import pytest
 
 from pipelines.report import funnel_steps, pairs_digest, stage_records, write_report
 from pipelines.spec import load_spec
-from pipelines.stage import RunLayout, atomic_write_json
+from pipelines.stage import RunLayout
+from sdk.fileio import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

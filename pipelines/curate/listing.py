@@ -24,7 +24,7 @@ from typing import Any
 from pipelines.errors import SpecError
 from pipelines.languages import language_of, normalize_language, resolve_source_path
 from pipelines.spec import STDLIB, LocalSource
-from pipelines.stage import atomic_write_json, atomic_write_text
+from sdk.fileio import atomic_write_json, atomic_write_text
 
 SKIPPED_DIRS = frozenset({"__pycache__", "node_modules"})
 # Under `stdlib`: installed third-party packages live inside the stdlib dir but are not the stdlib.

@@ -25,7 +25,7 @@ from datatrove.pipeline.readers.base import BaseReader
 from pipelines.errors import SpecError
 from pipelines.languages import language_of, normalize_language
 from pipelines.spec import ColumnMap, FileShardSource, HuggingFaceSource
-from pipelines.stage import atomic_write_text
+from sdk.fileio import atomic_write_text
 
 
 class CodeFileReader(BaseReader):

@@ -21,7 +21,8 @@ from pipelines.curate.pipeline import CurateLayout, Step, build_executors, build
 from pipelines.curate.stats import build_stats, render_summary
 from pipelines.errors import CodepmpError, RunError
 from pipelines.spec import LocalSource, RayExecutor, SlurmExecutor, Spec
-from pipelines.stage import Stage, atomic_write_json
+from pipelines.stage import Stage
+from sdk.fileio import atomic_write_json
 
 OUTPUT_GLOB = "curate/output/*.jsonl.gz"  # relative to WORKDIR: what the describe stage reads
 SLURM_POLL_S = 60

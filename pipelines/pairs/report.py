@@ -19,7 +19,7 @@ from pipelines.pairs.extract import EXTRACTION_RULE
 from pipelines.pairs.inputs import ReadStats
 from pipelines.pairs.writer import COLUMNS
 from pipelines.spec import PairsSpec
-from pipelines.stage import atomic_write_json, atomic_write_text
+from sdk.fileio import atomic_write_json, atomic_write_text
 
 SAMPLE_IDS = 5
 

@@ -7,14 +7,14 @@ attempt are removed, so a rerun rewrites the stage from its inputs and never mix
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from sdk.fileio import atomic_path
 
 SCHEMA = pa.schema(
     [
@@ -52,17 +52,6 @@ def clear_outputs(outdir: Path) -> None:
             path.unlink()
 
 
-def _write_atomically(table: pa.Table, path: Path, compression: str | None) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression=compression)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_split(
     source: pa.Table, order: Sequence[int], outdir: Path, split: str, rows_per_shard: int, compression: str
 ) -> list[dict[str, Any]]:
@@ -78,6 +67,7 @@ def write_split(
     for index, start in enumerate(starts):
         chunk = source.take(pa.array(order[start : start + rows_per_shard], pa.int64()))
         name = shard_name(split, index)
-        _write_atomically(chunk.cast(SCHEMA), outdir / name, codec)
+        with atomic_path(outdir / name) as tmp:
+            pq.write_table(chunk.cast(SCHEMA), tmp, compression=codec)
         shards.append({"file": name, "rows": chunk.num_rows})
     return shards
