@@ -23,9 +23,10 @@ from typing import Any
 
 from pipelines.engine import close_idle
 from pipelines.errors import RunError, SpecError
+from pipelines.lifetime import RunProcesses
 from pipelines.spec import Spec, dump_resolved
 from pipelines.stage import RunLayout, Stage
-from sdk.fileio import atomic_write_json, atomic_write_text
+from sdk.fileio import atomic_write_json, atomic_write_text, is_empty_dir, precious_dirs
 
 # Import path of each implemented stage ("module:Class"). A declared stage missing here is not built yet.
 STAGE_IMPLS: dict[str, str] = {
@@ -39,6 +40,8 @@ STAGE_IMPLS: dict[str, str] = {
 }
 
 RECORD = "_stage.json"
+MARKER = ".codepmp-run"  # written when codepmp creates a run directory: only such a directory is ever written to
+LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,63 @@ def fingerprints(spec: Spec) -> dict[str, str]:
 def read_record(layout: RunLayout, stage: str) -> dict[str, Any] | None:
     path = layout.stage_dir(stage) / RECORD
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         return {"status": "corrupt"}
+    return record if isinstance(record, dict) else {"status": "corrupt"}
+
+
+def output_manifest(outdir: Path) -> dict[str, Any]:
+    """Every file a finished stage left in its directory (size, mtime) and one digest over them all.
+
+    Recorded when the stage finishes; a skipped stage is checked against it, and each stage records the
+    digests of the upstream outputs it read, so a stage rebuilt under it is noticed downstream.
+    Sizes and mtimes rather than content hashes: checking must stay cheap on a corpus of hundreds of GB.
+    """
+    files = {}
+    for path in sorted(outdir.rglob("*")):
+        if path.is_file() and path.name != RECORD:
+            info = path.stat()
+            files[path.relative_to(outdir).as_posix()] = [info.st_size, info.st_mtime_ns]
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    return {"files": files, "digest": digest}
+
+
+def outputs_problem(layout: RunLayout, stage: str, record: dict[str, Any]) -> str | None:
+    """Why a finished stage's outputs no longer match its record (None when they do)."""
+    recorded = record.get("outputs")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("files"), dict):
+        return "its record lists no outputs (written by an older codepmp)"
+    outdir = layout.stage_dir(stage)
+    changed = []
+    for name, (size, mtime) in sorted(recorded["files"].items()):
+        path = outdir / name
+        try:
+            info = path.stat()
+        except OSError:
+            changed.append(f"{stage}/{name} is missing")
+            continue
+        if info.st_size != size:
+            changed.append(f"{stage}/{name} is {info.st_size} bytes, was {size}")
+        elif info.st_mtime_ns != mtime:
+            changed.append(f"{stage}/{name} was modified")
+    if not changed:
+        return None
+    more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+    return f"its outputs changed since it finished: {changed[0]}{more}"
+
+
+def _upstream_rebuilt(spec: Spec, layout: RunLayout, stage: str, record: dict[str, Any]) -> list[str]:
+    """Upstream stages whose outputs are not the ones this stage was built from."""
+    built_from = record.get("upstream_outputs", {})
+    rebuilt = []
+    for up in spec.upstream(stage):
+        up_record = read_record(layout, up) or {}
+        if built_from.get(up) != (up_record.get("outputs") or {}).get("digest"):
+            rebuilt.append(up)
+    return rebuilt
 
 
 def decide(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str], force: bool = False) -> Decision:
@@ -98,9 +153,17 @@ def decide(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str], fo
         return Decision(stage, "start", "--force")
     if record is None:
         return Decision(stage, "start", "first run")
+    if record.get("status") == "corrupt":
+        return Decision(stage, "start", f"its record {stage}/{RECORD} is unreadable")
     if record.get("fingerprint") == prints[stage]:
+        rebuilt = _upstream_rebuilt(spec, layout, stage, record)
+        if rebuilt:
+            return Decision(stage, "start", f"upstream stage {', '.join(rebuilt)} was rebuilt since")
         if record.get("status") == "done":
-            return Decision(stage, "skip", "already done with this spec")
+            problem = outputs_problem(layout, stage, record)
+            if problem is not None:
+                return Decision(stage, "start", problem)
+            return Decision(stage, "skip", "already done with this spec, outputs verified")
         return Decision(stage, "resume", "resuming an interrupted attempt")
     if record.get("section_hash") != spec.section_hash(stage):
         return Decision(stage, "start", f"spec section(s) {', '.join(spec.stage_sections(stage))} changed")
@@ -118,19 +181,78 @@ def load_stage(stage: str) -> type[Stage]:
     return getattr(importlib.import_module(module), cls)
 
 
+def claim_workdir(root: Path) -> None:
+    """Make sure `root` may hold a run: it is new or empty (then it is marked as ours), or it is a codepmp run.
+
+    Anything else is refused before a single file is written: a user's directory is never mixed with a run,
+    so nothing a run later deletes (stale stage outputs, `--force`) can be a file codepmp did not write.
+    """
+    if root in precious_dirs():
+        raise SpecError(f"workdir {root}: refusing to run in /, the home directory or a repository root")
+    if (root / MARKER).is_file():
+        return
+    if (root / LOCK).is_file() and (root / "spec.resolved.yaml").is_file():  # a run of codepmp before the marker
+        atomic_write_json(root / MARKER, {"created": "before markers", "by": "codepmp run"})
+        return
+    if root.exists() and not root.is_dir():
+        raise SpecError(f"workdir {root}: exists and is not a directory")
+    if root.exists() and not is_empty_dir(root):
+        held = sorted(p.name for p in root.iterdir())
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise SpecError(
+            f"workdir {root}: not empty and not a codepmp run (it holds {shown}); "
+            "use a new or empty directory, or a directory of an earlier codepmp run"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / MARKER, {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "by": "codepmp run"})
+    except OSError as exc:
+        raise SpecError(f"workdir {root}: cannot write there ({exc.strerror or exc})") from None
+
+
+_LOCKED: set[Path] = set()  # POSIX locks do not exclude the owning process from itself: this does
+
+
 @contextmanager
-def workdir_lock(root: Path) -> Iterator[None]:
-    """One `codepmp run` per workdir at a time: two would corrupt each other's resume state."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a+") as handle:
+def workdir_lock(root: Path, echo: Callable[[str], None] = print) -> Iterator[None]:
+    """One `codepmp run` per workdir at a time: two would corrupt each other's resume state.
+
+    A POSIX record lock, not flock: it belongs to this process alone, so worker processes forked from it
+    never keep it alive, and the kernel releases it the moment this process dies, SIGKILL included. The
+    owner's pid is kept in the file for the messages.
+    """
+    path = root / LOCK
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 (closed below, after the lock is released)
+    except OSError as exc:
+        raise SpecError(f"workdir {root}: cannot write there ({exc.strerror or exc})") from None
+    with handle:
+        handle.seek(0)
+        previous = handle.read().strip()
+        if root in _LOCKED:
+            raise RunError(f"another codepmp run is using {root}; wait for it or pick another --workdir")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(f"another codepmp run is using {root}; wait for it or pick another --workdir") from None
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = f" (pid {previous})" if previous else ""
+            raise RunError(
+                f"another codepmp run{owner} is using {root}; wait for it or pick another --workdir"
+            ) from None
+        if previous.isdigit() and int(previous) != os.getpid():
+            echo(f"note: taking over the lock of an earlier run (pid {previous}) that is gone")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _LOCKED.add(root)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            _LOCKED.discard(root)
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 def run_spec(
@@ -163,7 +285,8 @@ def run_spec(
     layout = RunLayout(workdir)
     prints = fingerprints(spec)
     results = []
-    with workdir_lock(workdir):
+    claim_workdir(workdir)
+    with workdir_lock(workdir, echo), RunProcesses():
         atomic_write_text(layout.resolved_spec, dump_resolved(spec))
         echo(f"run {spec.name}: {len(selected)} stage(s) -> {workdir}")
         try:
@@ -203,6 +326,12 @@ def _check_upstream_done(spec: Spec, layout: RunLayout, stage: str, prints: dict
                 f"stage `{stage}` reads the output of `{up}`, which is not finished for this spec in "
                 f"{layout.root}: run `codepmp run SPEC --until {up}` first"
             )
+        problem = outputs_problem(layout, up, record)
+        if problem is not None:
+            raise RunError(
+                f"stage `{stage}` reads the output of `{up}`, but {problem}: "
+                f"run `codepmp run SPEC --until {up}` to rebuild it"
+            )
 
 
 def _run_one(
@@ -225,6 +354,9 @@ def _run_one(
         "fingerprint": prints[stage],
         "section_hash": spec.section_hash(stage),
         "upstream": {up: prints[up] for up in spec.upstream(stage)},
+        "upstream_outputs": {
+            up: (read_record(layout, up) or {}).get("outputs", {}).get("digest") for up in spec.upstream(stage)
+        },
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -241,7 +373,7 @@ def _run_one(
         )
         raise
     elapsed = time.monotonic() - start
-    record.update(status="done", seconds=round(elapsed, 2), summary=summary)
+    record.update(status="done", seconds=round(elapsed, 2), summary=summary, outputs=output_manifest(outdir))
     atomic_write_json(outdir / RECORD, record)
     figures = ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int | float | str))
     echo(f"  {stage} done in {elapsed:.1f}s" + (f": {figures}" if figures else ""))

@@ -5,7 +5,9 @@ The stages here are small stand-ins that only write files: they check the orches
 
 from __future__ import annotations
 
-import fcntl
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,6 +19,12 @@ from pipelines.errors import RunError, SpecError
 from pipelines.spec import STAGES, Spec, load_spec
 from pipelines.stage import Stage
 
+HOLD_LOCK = (  # what `workdir_lock` does, in another process
+    "import fcntl, sys, os, time\n"
+    "h = open(sys.argv[1], 'a+'); fcntl.lockf(h, fcntl.LOCK_EX)\n"
+    "h.seek(0); h.truncate(); h.write(f'{os.getpid()}\\n')\n"
+    "h.flush(); print('locked', flush=True); time.sleep(60)\n"
+)
 SPEC = """
 name: t
 source: {paths: [stdlib], limit: 3}
@@ -154,12 +162,121 @@ def test_stages_before_a_missing_one_run_then_the_run_stops(stages, spec_path, t
 
 def test_a_second_run_on_the_same_workdir_is_refused(stages, spec_path, tmp_path):
     workdir = tmp_path / "run"
-    workdir.mkdir()
-    with open(workdir / ".lock", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(RunError, match="another codepmp run is using"):
+    run(spec_path, workdir, until="curate")
+    stages.calls.clear()
+    holder = subprocess.Popen(  # another process holds the run's lock, as a live `codepmp run` does
+        [sys.executable, "-c", HOLD_LOCK, str(workdir / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunError, match=rf"another codepmp run \(pid {holder.pid}\) is using"):
             run(spec_path, workdir)
+    finally:
+        holder.kill()
+        holder.wait()
     assert stages.calls == []
+    lines = run(spec_path, workdir)  # the holder died: its lock went with it
+    assert f"note: taking over the lock of an earlier run (pid {holder.pid}) that is gone" in lines
+    assert stages.calls == ["describe", "generate", "pairs"]
+
+
+def test_the_same_process_cannot_run_twice_on_one_workdir(stages, spec_path, tmp_path):
+    workdir = tmp_path / "run"
+    run(spec_path, workdir, until="curate")
+    with runner.workdir_lock(workdir), pytest.raises(RunError, match="another codepmp run"):
+        run(spec_path, workdir)
+
+
+@pytest.mark.parametrize("place", ["curate", "report.md", "notes.txt"])
+def test_a_directory_that_is_not_a_codepmp_run_is_refused_untouched(stages, spec_path, tmp_path, place):
+    workdir = tmp_path / "mine"
+    precious = workdir / place / "thesis.tex" if place == "curate" else workdir / place
+    precious.parent.mkdir(parents=True, exist_ok=True)
+    precious.write_text("years of work")
+    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+    with pytest.raises(SpecError, match=rf"workdir {workdir}: not empty and not a codepmp run \(it holds {place}\)"):
+        run(spec_path, workdir)
+    assert precious.read_text() == "years of work"
+    assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before  # not even a lock file
+    assert stages.calls == []
+
+
+def test_root_home_and_repository_root_are_refused(stages, spec_path, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    monkeypatch.chdir(repo)
+    for workdir in (Path("/"), home, repo):
+        with pytest.raises(SpecError, match=f"workdir {workdir}: refusing to run in /, the home directory"):
+            run(spec_path, workdir)
+    assert sorted(p.name for p in home.iterdir()) == [] and sorted(p.name for p in repo.iterdir()) == [".git"]
+    assert stages.calls == []
+
+
+def test_a_new_or_empty_directory_becomes_a_run_and_stays_one(stages, spec_path, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run(spec_path, empty, until="curate")
+    assert (empty / runner.MARKER).is_file()
+    (empty / "my-notes.txt").write_text("a user's file beside the run")
+    run(spec_path, empty, only="curate", force=True)  # a marked run accepts files the user added
+    assert (empty / "my-notes.txt").read_text() == "a user's file beside the run"
+    assert stages.calls == ["curate", "curate"]
+
+
+def test_an_unwritable_workdir_is_one_clear_error(stages, spec_path, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SpecError, match="exists and is not a directory"):
+        run(spec_path, afile)
+    with pytest.raises(SpecError, match="cannot write there"):
+        run(spec_path, afile / "run")
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "modify"])
+def test_a_done_stage_whose_outputs_changed_reruns_and_says_why(stages, spec_path, tmp_path, damage):
+    workdir = tmp_path / "run"
+    run(spec_path, workdir)
+    out = workdir / "describe" / "out.txt"
+    if damage == "delete":
+        out.unlink()
+    elif damage == "truncate":
+        out.write_text("")
+    else:
+        out.write_text(out.read_text().upper())
+        os.utime(out, ns=(1, 1))
+    stages.calls.clear()
+    lines = run(spec_path, workdir)
+    reason = {"delete": "is missing", "truncate": "is 0 bytes, was", "modify": "was modified"}[damage]
+    assert any(
+        f"describe: start (its outputs changed since it finished: describe/out.txt {reason}" in line for line in lines
+    )
+    assert any("generate: start (upstream stage describe was rebuilt since)" in line for line in lines)
+    assert stages.calls == ["describe", "generate", "pairs"]
+    stages.calls.clear()
+    run(spec_path, workdir)
+    assert stages.calls == []
+
+
+def test_a_stage_whose_upstream_outputs_changed_refuses_to_run_alone(stages, spec_path, tmp_path):
+    workdir = tmp_path / "run"
+    run(spec_path, workdir, until="describe")
+    (workdir / "curate" / "out.txt").unlink()
+    with pytest.raises(RunError, match=r"reads the output of `curate`, but its outputs changed.*--until curate"):
+        run(spec_path, workdir, only="describe")
+
+
+@pytest.mark.parametrize("content", ["{not json", "", "[1, 2]"])
+def test_a_corrupt_stage_record_reruns_that_stage(stages, spec_path, tmp_path, content):
+    workdir = tmp_path / "run"
+    run(spec_path, workdir)
+    (workdir / "generate" / "_stage.json").write_text(content)
+    stages.calls.clear()
+    lines = run(spec_path, workdir)
+    assert any("generate: start (its record generate/_stage.json is unreadable)" in line for line in lines)
+    assert stages.calls == ["generate", "pairs"]
 
 
 def test_workdir_precedence(spec_path, tmp_path, monkeypatch):

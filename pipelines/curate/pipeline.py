@@ -37,6 +37,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 
 from pipelines.curate import filters as code_filters
 from pipelines.curate.readers import CodeFileReader, LanguageAllowlist, TakeFirst, dataset_reader
+from pipelines.lifetime import dies_with_parent
 from pipelines.spec import LocalExecutor, LocalSource, RayExecutor, SlurmExecutor, Spec
 
 SHARD_NAME = "${rank}.jsonl.gz"
@@ -276,7 +277,7 @@ def make_executor(spec: Spec, step: Step, logging_dir: Path, depends: PipelineEx
     workers = step.tasks if ex.workers == -1 else min(ex.workers, step.tasks)
     common = {"tasks": step.tasks, "workers": workers, "logging_dir": str(logging_dir), "depends": depends}
     if isinstance(ex, LocalExecutor):
-        return LocalPipelineExecutor(step.pipeline, **common)
+        return LocalPipelineExecutor([dies_with_parent, *step.pipeline], **common)
     if isinstance(ex, SlurmExecutor):
         return SlurmPipelineExecutor(
             step.pipeline,
