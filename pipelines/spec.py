@@ -75,8 +75,13 @@ ModelName = Annotated[str, Field(min_length=1), AfterValidator(_resolve_model_na
 # --------------------------------------------------------------------------- executor
 
 
+# Upper bounds on counts and lengths: a typo (10^20 tasks, a 10^9-token reply) is an error, not a hang.
+MAX_TASKS = 100_000  # datatrove tasks of one stage; ~280 files per task at the paper's 28M
+MAX_TOKENS = 1 << 20
+
+
 class _ExecutorBase(StrictModel):
-    tasks: int = Field(1, gt=0, description="Shards the work is split into (datatrove tasks).")
+    tasks: int = Field(1, gt=0, le=MAX_TASKS, description="Shards the work is split into (datatrove tasks).")
     workers: int = Field(-1, ge=-1, description="Tasks run at once; -1 = as many as tasks.")
     logging_dir: SpecPath | None = Field(None, description="Defaults to WORKDIR/<stage>/logs.")
 
@@ -101,9 +106,9 @@ class SlurmExecutor(_ExecutorBase):
     kind: Literal["slurm"]
     partition: str = Field(min_length=1)
     time: str = Field("24:00:00", pattern=r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$", description="Slurm time limit.")
-    cpus_per_task: int = Field(1, gt=0)
+    cpus_per_task: int = Field(1, gt=0, le=1024)
     mem_per_cpu_gb: float = Field(2.0, gt=0)
-    gpus_per_task: int = Field(0, ge=0)
+    gpus_per_task: int = Field(0, ge=0, le=64)
     qos: str | None = None
     max_array_launch_parallel: bool = False
     sbatch_args: dict[str, str] = Field(default_factory=dict, description="Extra #SBATCH options.")
@@ -115,7 +120,7 @@ class RayExecutor(_ExecutorBase):
 
     kind: Literal["ray"]
     address: str | None = Field(None, description="Ray cluster address; null starts/joins a local one.")
-    cpus_per_task: int = Field(1, gt=0)
+    cpus_per_task: int = Field(1, gt=0, le=1024)
     mem_per_cpu_gb: float = Field(2.0, gt=0)
     gpus_per_task: float = Field(0, ge=0)
 
@@ -331,9 +336,11 @@ class ModelSpec(StrictModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto: vLLM's own choice on GPU, float32 on CPU (batch-invariant generation there)."
     )
-    max_model_len: int | None = Field(None, gt=0, description="Context length in tokens; null = model's own.")
-    tensor_parallel_size: int = Field(1, gt=0)
-    data_parallel_size: int = Field(1, gt=0)
+    max_model_len: int | None = Field(
+        None, gt=0, le=MAX_TOKENS, description="Context length in tokens; null = model's own."
+    )
+    tensor_parallel_size: int = Field(1, gt=0, le=64)
+    data_parallel_size: int = Field(1, gt=0, le=64)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     cpu_kvcache_gib: float = Field(4, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = Field(
@@ -352,8 +359,8 @@ class SamplingSpec(StrictModel):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(-1, ge=-1)
-    max_new_tokens: int = Field(1024, gt=0)
-    n: int = Field(1, gt=0, description="Samples per prompt.")
+    max_new_tokens: int = Field(1024, gt=0, le=MAX_TOKENS)
+    n: int = Field(1, gt=0, le=1024, description="Samples per prompt.")
     seed: int = 0
     repetition_penalty: float = Field(1.0, gt=0)
 
@@ -379,7 +386,7 @@ class DescribeSpec(StrictModel):
     template: str = Field(DESCRIBE_TEMPLATE, description="Placeholders: {code}, {language}, {path}.")
     use_chat_template: bool = True
     max_input_tokens: int = Field(
-        2048, gt=0, description="Prompt budget; longer files keep their head, cut at a line break."
+        2048, gt=0, le=MAX_TOKENS, description="Prompt budget; longer files keep their head, cut at a line break."
     )
     min_instruction_chars: int = Field(20, ge=0, description="Shorter instructions are dropped as degenerate.")
     chunk_size: int = Field(256, gt=0, description="Documents per checkpointed chunk.")
@@ -513,7 +520,7 @@ class HumanEvalExecSpec(StrictModel):
     """
 
     generator: GeneratorSpec
-    k: int = Field(8, gt=0, description="Candidates sampled per problem.")
+    k: int = Field(8, gt=0, le=1024, description="Candidates sampled per problem.")
     problems: int = Field(
         40, gt=0, le=HUMANEVAL_SIZE, description="Take the last N HumanEval problems (evaluation takes the first)."
     )
@@ -545,9 +552,9 @@ class FinetuneSpec(TrainConfig):
 class BestOfNSpec(StrictModel):
     benchmark: Literal["humaneval"] = "humaneval"
     generator: GeneratorSpec
-    k: int = Field(16, gt=0, description="Candidates sampled per problem; N runs over 1, 2, 4, ..., k.")
+    k: int = Field(16, gt=0, le=1024, description="Candidates sampled per problem; N runs over 1, 2, 4, ..., k.")
     problems: int | None = Field(None, gt=0, description="Use the first N problems; null = all 164.")
-    draws: int = Field(20, gt=0, description="Subsamples of N out of k, for mean +- spread.")
+    draws: int = Field(20, gt=0, le=10_000, description="Subsamples of N out of k, for mean +- spread.")
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
 
 
@@ -657,6 +664,7 @@ def load_spec(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ..
     """Read, expand, override and validate a spec file; every user mistake raises `SpecError`."""
     path = Path(path)
     data = read_spec_yaml(path)
+    _check_expanded_size(data, str(path))
     data = expand_env(data)
     for item in overrides:
         apply_override(data, item)
@@ -690,6 +698,31 @@ def read_spec_yaml(path: Path) -> dict[str, Any]:
             f"{path}: a spec must be a mapping of sections (name, source, ...), got a {type(data).__name__}"
         )
     return data
+
+
+MAX_SPEC_NODES = 100_000  # a real spec has a few hundred values; YAML aliases can make 10^9 out of 100 lines
+
+
+def _check_expanded_size(data: Any, source: str) -> None:
+    """Refuse a spec whose aliases expand it beyond MAX_SPEC_NODES values (a "billion laughs" bomb).
+
+    PyYAML builds an alias as a shared reference, so loading is cheap; everything after it (env expansion,
+    validation, the resolved copy) walks the tree and pays for every repetition. Counting stops at the cap.
+    """
+    count = 0
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_SPEC_NODES:
+            raise SpecError(
+                f"{source}: the spec expands to more than {MAX_SPEC_NODES:,} values (YAML aliases repeated "
+                "inside each other?); write the values out instead"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -38,7 +38,7 @@ class TrainConfig(StrictModel):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     micro_batch_pairs: int = Field(4, gt=0, description="Pairs per micro-batch per process.")
     grad_accum_steps: int = Field(4, gt=0)
-    max_length_tokens: int = Field(1024, gt=8, description="Prompt + response tokens per sequence.")
+    max_length_tokens: int = Field(1024, gt=8, le=1 << 20, description="Prompt + response tokens per sequence.")
     grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip; null disables.")
 
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(

@@ -135,3 +135,31 @@ def test_help_texts_name_the_commands():
         assert command in result.output
     run_help = invoke("run", "--help").output
     assert "--only" in run_help and "--until" in run_help and "--set" in run_help
+
+
+def _read_only(directory: Path, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run `command` with `directory` bind-mounted read-only in a private mount namespace (root only)."""
+    script = f'mount --bind -o ro "{directory}" "{directory}" && exec "$@"'
+    return subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("existing_run", [False, True], ids=["empty", "earlier-run"])
+def test_a_read_only_workdir_is_one_error_line_exit_2(tmp_path: Path, existing_run: bool):
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("needs a private mount namespace (root): unshare -m failed")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: t\nsource: {paths: [stdlib], limit: 3}\n")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    if existing_run:
+        runner.claim_workdir(workdir)
+    result = _read_only(workdir, [sys.executable, "-m", "cli.main", "run", str(spec), "--workdir", str(workdir)])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: workdir {workdir}: cannot write there (Read-only file system)\n"
+    assert "Traceback" not in result.stdout + result.stderr

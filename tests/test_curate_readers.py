@@ -88,7 +88,8 @@ def test_license_file_is_detected_and_filtered(tmp_path: Path, capsys: pytest.Ca
     assert docs[0].metadata["license"] == "mit"
 
     spec = make_spec(tmp_path, {"paths": [str(tree)]}, filters={"license": {"enabled": True, "allow": ["apache-2.0"]}})
-    run_curate(spec, tmp_path / "run")
+    with pytest.raises(SpecError, match=r"filters: all 1 documents were dropped \(.*license: license_not_allowed 1\)"):
+        run_curate(spec, tmp_path / "run")  # a curate that kept nothing is an error, not a "done" stage
     assert "every file was dropped" in capsys.readouterr().out
     assert stats_rows(tmp_path / "run")["license"]["dropped"] == {"license_not_allowed": 1}
     assert read_shards(tmp_path / "run" / "curate" / "output") == []
@@ -184,6 +185,18 @@ def test_shard_paths_that_match_nothing_are_spec_errors(tmp_path: Path, paths: l
     spec = make_spec(tmp_path, {"kind": "jsonl", "paths": paths})
     with pytest.raises(SpecError, match=message):
         run_curate(spec, tmp_path / "run")
+
+
+def test_a_source_that_yields_no_document_is_an_error_not_a_done_stage(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    spec = make_spec(
+        tmp_path,
+        {"kind": "jsonl", "paths": [str(tmp_path / "empty.jsonl")]},
+        dedup={"exact": {"enabled": False}, "minhash": {"enabled": False}},
+    )
+    with pytest.raises(SpecError, match=r"source: the corpus is empty \(no documents read from .*empty.jsonl\)"):
+        run_curate(spec, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "curate" / "_stage.json").read_text())["status"] == "running"
 
 
 def test_a_corrupt_shard_fails_with_one_clear_error(tmp_path: Path) -> None:

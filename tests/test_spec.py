@@ -121,7 +121,20 @@ def test_bad_set_is_a_clear_error(tmp_path: Path, override: str, message: str):
 
 
 # Each malformed case: (spec text, expected fragment naming the field or the problem).
+BOMB = "name: t\na0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)
+)  # 24 lines that expand to 10^9 strings
+
 MALFORMED = {
+    "task_count_typo": (
+        "name: t\nexecutor: {kind: local, tasks: 100000000000000000000}\n",
+        "executor.tasks: must be <= 100000",
+    ),
+    "reply_length_typo": (
+        "name: t\ndescribe: {model: {name: m}, sampling: {max_new_tokens: 1000000000}}\n",
+        "describe.sampling.max_new_tokens: must be <= 1048576",
+    ),
+    "alias_bomb": (BOMB, "the spec expands to more than 100,000 values (YAML aliases"),
     "unknown_top_key": ("name: t\nsorce: {paths: [stdlib]}\n", "sorce: unknown field"),
     "unknown_nested_key": (
         "name: t\ngenerate:\n  strong: {model: {name: a}}\n  weak: {model: {name: b}, samplng: {}}\n",
@@ -213,3 +226,18 @@ def test_apply_override_parses_values_as_yaml():
     apply_override(data, "pairs.balance.length_bias_target=null")
     assert data["pairs"]["balance"] == {"language_quotas": {"python": 0.5}, "length_bias_target": None}
     assert json.dumps(data)  # plain data, no YAML objects
+
+
+def test_an_alias_bomb_is_refused_fast_and_small(tmp_path: Path):
+    import time
+    import tracemalloc
+
+    path = write(tmp_path, BOMB)
+    tracemalloc.start()
+    start = time.monotonic()
+    with pytest.raises(SpecError, match="YAML aliases"):
+        load_spec(path)
+    elapsed = time.monotonic() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert elapsed < 2 and peak < 20 * 2**20, (elapsed, peak)

@@ -19,7 +19,7 @@ from datatrove.executor.base import PipelineExecutor
 from pipelines.curate.listing import build_listing, read_listing_summary
 from pipelines.curate.pipeline import CurateLayout, Step, build_executors, build_steps
 from pipelines.curate.stats import build_stats, render_summary
-from pipelines.errors import CodepmpError, RunError
+from pipelines.errors import CodepmpError, RunError, SpecError
 from pipelines.spec import LocalSource, RayExecutor, SlurmExecutor, Spec
 from pipelines.stage import Stage
 from sdk.fileio import atomic_write_json
@@ -56,10 +56,20 @@ class CurateStage(Stage):
         self._execute(steps, executors, layout)
         stats = build_stats(steps, layout, listing)
         if stats["documents_in"] == 0:
-            raise RunError(f"source: the corpus is empty (no documents read from {self._describe_source()})")
+            raise SpecError(f"source: the corpus is empty (no documents read from {self._describe_source()})")
         atomic_write_json(layout.stats, stats)
-        shutil.rmtree(layout.work, ignore_errors=True)  # intermediate copies of the corpus: no longer needed
         self.echo(render_summary(stats))
+        if stats["documents_out"] == 0:  # a stage that produced nothing is not done: later stages would idle on it
+            drops = "; ".join(
+                f"{row['step']}: " + ", ".join(f"{k} {v}" for k, v in row["dropped"].items() if v)
+                for row in stats["steps"]
+                if any(row["dropped"].values())
+            )
+            raise SpecError(
+                f"filters: all {stats['documents_in']} documents were dropped ({drops or 'no drop reason recorded'}); "
+                f"loosen `filters`/`dedup` (details in {layout.stats})"
+            )
+        shutil.rmtree(layout.work, ignore_errors=True)  # intermediate copies of the corpus: no longer needed
         return {
             "documents_in": stats["documents_in"],
             "documents_out": stats["documents_out"],
