@@ -25,8 +25,8 @@ from pipelines.engine import close_idle
 from pipelines.errors import RunError, SpecError
 from pipelines.lifetime import RunProcesses
 from pipelines.spec import Spec, dump_resolved
-from pipelines.stage import RunLayout, Stage
-from sdk.fileio import atomic_write_json, atomic_write_text, is_empty_dir, precious_dirs
+from pipelines.stage import MARKER, RunLayout, Stage, claim_dir
+from sdk.fileio import atomic_write_json, atomic_write_text
 
 # Import path of each implemented stage ("module:Class"). A declared stage missing here is not built yet.
 STAGE_IMPLS: dict[str, str] = {
@@ -40,7 +40,6 @@ STAGE_IMPLS: dict[str, str] = {
 }
 
 RECORD = "_stage.json"
-MARKER = ".codepmp-run"  # written when codepmp creates a run directory: only such a directory is ever written to
 LOCK = ".lock"
 
 
@@ -187,27 +186,9 @@ def claim_workdir(root: Path) -> None:
     Anything else is refused before a single file is written: a user's directory is never mixed with a run,
     so nothing a run later deletes (stale stage outputs, `--force`) can be a file codepmp did not write.
     """
-    if root in precious_dirs():
-        raise SpecError(f"workdir {root}: refusing to run in /, the home directory or a repository root")
-    if (root / MARKER).is_file():
-        return
-    if (root / LOCK).is_file() and (root / "spec.resolved.yaml").is_file():  # a run of codepmp before the marker
-        atomic_write_json(root / MARKER, {"created": "before markers", "by": "codepmp run"})
-        return
-    if root.exists() and not root.is_dir():
-        raise SpecError(f"workdir {root}: exists and is not a directory")
-    if root.exists() and not is_empty_dir(root):
-        held = sorted(p.name for p in root.iterdir())
-        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-        raise SpecError(
-            f"workdir {root}: not empty and not a codepmp run (it holds {shown}); "
-            "use a new or empty directory, or a directory of an earlier codepmp run"
-        )
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(root / MARKER, {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "by": "codepmp run"})
-    except OSError as exc:
-        raise SpecError(f"workdir {root}: cannot write there ({exc.strerror or exc})") from None
+    if (root / LOCK).is_file() and (root / "spec.resolved.yaml").is_file() and not (root / MARKER).exists():
+        atomic_write_json(root / MARKER, {"created": "before markers", "by": "codepmp run"})  # an older run
+    claim_dir(root, "workdir", MARKER)
 
 
 _LOCKED: set[Path] = set()  # POSIX locks do not exclude the owning process from itself: this does

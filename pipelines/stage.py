@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pipelines.errors import SpecError
 from pipelines.spec import ModelSpec, Spec
+from sdk.fileio import atomic_write_json, is_empty_dir, precious_dirs
+
+MARKER = ".codepmp-run"  # written into every directory codepmp creates for a run; only such a directory is reused
 
 
 @dataclass(frozen=True)
@@ -49,3 +53,29 @@ class Stage(ABC):
     @abstractmethod
     def run(self) -> dict[str, Any]:
         """Do (or resume) the stage's work; return summary figures (counts in/out) for the run log."""
+
+
+def claim_dir(root: Path, label: str, marker: str = MARKER) -> None:
+    """Let a run write into `root` (and later delete what it wrote there) only when `root` is new or empty (it is
+    created and marked with `marker`) or already marked; refuse anything else before writing a single file.
+
+    `label` names the setting the directory came from (`workdir`, `executor.logging_dir`) in the error.
+    """
+    if root in precious_dirs():
+        raise SpecError(f"{label} {root}: refusing to use /, the home directory or a repository root")
+    if (root / marker).is_file():
+        return
+    if root.exists() and not root.is_dir():
+        raise SpecError(f"{label} {root}: exists and is not a directory")
+    if root.exists() and not is_empty_dir(root):
+        held = sorted(p.name for p in root.iterdir())
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise SpecError(
+            f"{label} {root}: not empty and not a codepmp run (it holds {shown}); "
+            "use a new or empty directory, or a directory of an earlier codepmp run"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / marker, {"by": "codepmp run", "for": label})
+    except OSError as exc:
+        raise SpecError(f"{label} {root}: cannot write there ({exc.strerror or exc})") from None

@@ -17,9 +17,9 @@ from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, Slurm
 
 from pipelines.curate.pipeline import build_executors, build_steps
 from pipelines.curate.stage import CurateStage, curate_layout
-from pipelines.errors import RunError
+from pipelines.errors import RunError, SpecError
 from pipelines.stage import RunLayout
-from tests.curate_utils import make_spec
+from tests.curate_utils import make_spec, run_curate
 
 SOURCE = {"paths": ["stdlib"], "languages": ["python"], "limit": 10}
 STEPS = ["filter", "exact_find", "exact_filter", "minhash_buckets", "minhash_cluster", "minhash_filter"]
@@ -146,3 +146,28 @@ def test_ray_without_ray_installed_is_a_clear_error(tmp_path: Path) -> None:
             CurateStage(spec, RunLayout(tmp_path / "run")).run()
     else:
         pytest.skip("Ray is installed")
+
+
+def test_an_outside_logging_dir_is_cleared_only_when_codepmp_made_it(tmp_path):
+    """`executor.logging_dir` points outside the workdir: stale logs there are cleared on a fresh start, which must
+    never delete a folder codepmp did not create (before: `rmtree(<logging_dir>/<name>-curate)` on any folder)."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "mod.py").write_text("def double(x):\n    return 2 * x\n\n\nprint(double(21))\n")
+    logs = tmp_path / "logs"
+    theirs = logs / "lg-curate" / "keep.txt"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("someone's results")
+    spec = make_spec(
+        tmp_path,
+        {"paths": [str(tmp_path / "src")]},
+        name="lg",
+        executor={"kind": "local", "tasks": 1, "workers": 1, "logging_dir": str(logs)},
+        dedup={"exact": {"enabled": False}, "minhash": {"enabled": False}},
+    )
+    with pytest.raises(SpecError, match=r"executor.logging_dir .*lg-curate: not empty and not a codepmp run"):
+        run_curate(spec, tmp_path / "run")
+    assert theirs.read_text() == "someone's results"
+    theirs.unlink()
+    run_curate(spec, tmp_path / "run")  # an empty folder is taken, marked, and cleared on the next fresh start
+    assert (logs / "lg-curate" / ".codepmp-run").is_file()
+    assert any((logs / "lg-curate").rglob("*.log"))

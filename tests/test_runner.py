@@ -209,7 +209,7 @@ def test_root_home_and_repository_root_are_refused(stages, spec_path, tmp_path, 
     (repo / ".git").mkdir(parents=True)
     monkeypatch.chdir(repo)
     for workdir in (Path("/"), home, repo):
-        with pytest.raises(SpecError, match=f"workdir {workdir}: refusing to run in /, the home directory"):
+        with pytest.raises(SpecError, match=f"workdir {workdir}: refusing to use /, the home directory"):
             run(spec_path, workdir)
     assert sorted(p.name for p in home.iterdir()) == [] and sorted(p.name for p in repo.iterdir()) == [".git"]
     assert stages.calls == []

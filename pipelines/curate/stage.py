@@ -21,7 +21,7 @@ from pipelines.curate.pipeline import CurateLayout, Step, build_executors, build
 from pipelines.curate.stats import build_stats, render_summary
 from pipelines.errors import CodepmpError, RunError, SpecError
 from pipelines.spec import LocalSource, RayExecutor, SlurmExecutor, Spec
-from pipelines.stage import Stage
+from pipelines.stage import Stage, claim_dir
 from sdk.fileio import atomic_write_json
 
 OUTPUT_GLOB = "curate/output/*.jsonl.gz"  # relative to WORKDIR: what the describe stage reads
@@ -48,8 +48,11 @@ class CurateStage(Stage):
             raise RunError("curate needs a `source` section in the spec")
         layout = curate_layout(self.spec, self.outdir)
         resuming = layout.work.exists()
-        if not resuming and layout.logging_root != self.outdir / "logs":
-            shutil.rmtree(layout.logging_root, ignore_errors=True)  # stale completions would skip fresh work
+        if layout.logging_root != self.outdir / "logs":  # outside the workdir: ours only once marked
+            claim_dir(layout.logging_root, "executor.logging_dir")
+            if not resuming:  # stale completions would skip fresh work; the marker proves the folder is ours
+                shutil.rmtree(layout.logging_root)
+                claim_dir(layout.logging_root, "executor.logging_dir")
         listing = self._listing(layout, resuming)
         steps = build_steps(self.spec, layout)
         executors = build_executors(self.spec, steps, layout)
