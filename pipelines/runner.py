@@ -162,7 +162,7 @@ def decide(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str], fo
             problem = outputs_problem(layout, stage, record)
             if problem is not None:
                 return Decision(stage, "start", problem)
-            return Decision(stage, "skip", "already done with this spec, outputs verified")
+            return Decision(stage, "skip", "already done with this spec")
         return Decision(stage, "resume", "resuming an interrupted attempt")
     if record.get("section_hash") != spec.section_hash(stage):
         return Decision(stage, "start", f"spec section(s) {', '.join(spec.stage_sections(stage))} changed")
@@ -315,6 +315,28 @@ def _check_upstream_done(spec: Spec, layout: RunLayout, stage: str, prints: dict
             )
 
 
+def record_done(spec: Spec, layout: RunLayout, stage: str, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record `stage` as done with whatever its directory holds now: for outputs made outside `codepmp run`
+    (tests, data imported from elsewhere) that later stages should read as that stage's outputs."""
+    prints = fingerprints(spec)
+    record = {
+        "stage": stage,
+        "fingerprint": prints[stage],
+        "section_hash": spec.section_hash(stage),
+        "upstream": {up: prints[up] for up in spec.upstream(stage)},
+        "upstream_outputs": _upstream_digests(spec, layout, stage),
+        "status": "done",
+        "summary": summary or {},
+        "outputs": output_manifest(layout.stage_dir(stage)),
+    }
+    atomic_write_json(layout.stage_dir(stage) / RECORD, record)
+    return record
+
+
+def _upstream_digests(spec: Spec, layout: RunLayout, stage: str) -> dict[str, str | None]:
+    return {up: (read_record(layout, up) or {}).get("outputs", {}).get("digest") for up in spec.upstream(stage)}
+
+
 def _run_one(
     spec: Spec,
     layout: RunLayout,
@@ -335,9 +357,7 @@ def _run_one(
         "fingerprint": prints[stage],
         "section_hash": spec.section_hash(stage),
         "upstream": {up: prints[up] for up in spec.upstream(stage)},
-        "upstream_outputs": {
-            up: (read_record(layout, up) or {}).get("outputs", {}).get("digest") for up in spec.upstream(stage)
-        },
+        "upstream_outputs": _upstream_digests(spec, layout, stage),
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

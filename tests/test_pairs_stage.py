@@ -197,13 +197,11 @@ def test_duplicate_pair_ids_are_written_once(tmp_path: Path) -> None:
 
 def test_runner_runs_the_stage_and_records_its_summary(tmp_path: Path) -> None:
     spec = make_spec(**NO_BALANCE)
-    prints = runner.fingerprints(spec)
-    for stage in ("curate", "describe", "generate"):
-        (tmp_path / stage).mkdir()
-        upstream = {up: prints[up] for up in spec.upstream(stage)}
-        done = {"status": "done", "fingerprint": prints[stage], "upstream": upstream, "summary": {"out": 30}}
-        (tmp_path / stage / runner.RECORD).write_text(json.dumps(done))
+    runner.claim_workdir(tmp_path)
     write_generate(tmp_path, mixed_records())
+    for stage in ("curate", "describe", "generate"):
+        (tmp_path / stage).mkdir(exist_ok=True)
+        runner.record_done(spec, runner.RunLayout(tmp_path), stage, {"out": 30})
     [result] = runner.run_spec(spec, tmp_path, only="pairs", echo=lambda _line: None)
     assert result["status"] == "done" and result["summary"]["pairs"] == 26
     manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
