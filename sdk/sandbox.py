@@ -14,12 +14,16 @@ to inner (each enforced by the kernel, so the program cannot undo it):
 - Landlock (Linux >= 5.13): writes only beneath the cwd (no device nodes there) and to /dev/null; from ABI 4
   TCP bind/connect are denied too, from ABI 6 signals and abstract unix sockets cannot reach outside;
 - seccomp: `socket()`, `fork`/`vfork`/process-creating `clone`, `clone3` (ENOSYS, libc falls back to `clone`)
-  and `io_uring_setup` fail; other syscall ABIs (x32, `int 0x80`) kill the process;
+  and `io_uring_setup` fail, and so does every call on another process (kill, prlimit, setpriority, affinity,
+  scheduling, ptrace, process_vm_*, pidfd, ...: only the program's own pid is accepted); other syscall ABIs
+  (x32, `int 0x80`) kill the process;
 - rlimits: address space `memory_mb`, CPU seconds, file size, open files, no core dumps.
 
 Layers the machine lacks are skipped: `layers()` reports what is active here, and the first run of a process
-that misses one logs a warning. Without bubblewrap a root run keeps uid 0 unless every directory the
-interpreter reads is open to other users (here /root is 0700), and the cwd is a plain temp dir.
+that misses one logs a warning. Without bubblewrap a root run keeps uid 0 (with no capabilities) unless every
+directory the interpreter reads is open to other users (here /root is 0700): it then owns every root file and
+Landlock has no right for metadata, so seccomp refuses chmod/chown/utime/xattr calls outright; the cwd is a
+plain temp dir (no size cap) and the host's file system is readable.
 
 Passing. The program passes only when it ran to its end: the boot code appends a line to the program that
 writes a per-run random token to a status pipe and leaves at once (`os._exit(0)`, no atexit hooks); any exit
@@ -348,8 +352,39 @@ def _classify(
 
 # --------------------------------------------------------------------------- boot (runs in the sandbox)
 
-_SYS_X86_64 = {"socket": 41, "clone": 56, "fork": 57, "vfork": 58, "clone3": 435, "io_uring_setup": 425, "capget": 125}
-_SYS_AARCH64 = {"socket": 198, "clone": 220, "clone3": 435, "io_uring_setup": 425, "capget": 90}
+_SYS_X86_64 = {
+    "socket": 41, "clone": 56, "fork": 57, "vfork": 58, "clone3": 435, "io_uring_setup": 425, "capget": 125,
+    "capset": 126, "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
+    "prlimit64": 302, "setpriority": 141, "sched_setaffinity": 203, "sched_setparam": 142,
+    "sched_setscheduler": 144, "sched_setattr": 314, "ptrace": 101, "process_vm_readv": 310,
+    "process_vm_writev": 311, "pidfd_open": 434, "pidfd_send_signal": 424, "pidfd_getfd": 438, "ioprio_set": 251,
+    "migrate_pages": 256, "move_pages": 279, "kcmp": 312, "process_madvise": 440, "chmod": 90, "fchmod": 91,
+    "fchmodat": 268, "fchmodat2": 452, "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260, "utime": 132,
+    "utimes": 235, "futimesat": 261, "utimensat": 280, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190,
+    "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "setxattrat": 463, "removexattrat": 466,
+}  # fmt: skip
+_SYS_AARCH64 = {
+    "socket": 198, "clone": 220, "clone3": 435, "io_uring_setup": 425, "capget": 90, "capset": 91, "kill": 129,
+    "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240, "prlimit64": 261,
+    "setpriority": 140, "sched_setaffinity": 122, "sched_setparam": 118, "sched_setscheduler": 119,
+    "sched_setattr": 274, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_open": 434,
+    "pidfd_send_signal": 424, "pidfd_getfd": 438, "ioprio_set": 30, "migrate_pages": 238, "move_pages": 239,
+    "kcmp": 272, "process_madvise": 440, "fchmod": 52, "fchmodat": 53, "fchmodat2": 452, "fchownat": 54,
+    "fchown": 55, "utimensat": 88, "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14,
+    "lremovexattr": 15, "fremovexattr": 16, "setxattrat": 463, "removexattrat": 466,
+}  # fmt: skip
+# Calls that act on another process: refused outright, or allowed on this process only (first argument 0 or
+# our pid; setpriority: PRIO_PROCESS and who 0 or our pid). Kernel-enforced, so this holds without bubblewrap
+# and as uid 0, where the owner checks would let root reach every root process.
+_NO_OTHERS = ("tkill", "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_send_signal", "pidfd_getfd",
+              "ioprio_set", "migrate_pages", "move_pages", "kcmp", "process_madvise")  # fmt: skip
+# Refused while the program still runs as uid 0 (no bubblewrap here): it owns every root file, and Landlock has
+# no right for metadata. (Unprivileged, the owner checks and the read-only mounts stop these instead.)
+_METADATA = ("chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat", "utime", "utimes",
+             "futimesat", "utimensat", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr",
+             "fremovexattr", "setxattrat", "removexattrat")  # fmt: skip
+_SELF_ONLY = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "prlimit64", "sched_setaffinity",
+              "sched_setparam", "sched_setscheduler", "sched_setattr", "pidfd_open")  # fmt: skip
 _AUDIT_ARCH = {"x86_64": (0xC000003E, _SYS_X86_64), "aarch64": (0xC00000B7, _SYS_AARCH64)}
 _DENIED_EVENTS = frozenset({"sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
 
@@ -394,11 +429,15 @@ def _prctl(libc, *args: int) -> int:
 
 
 def _drop_privileges(libc, workdir: str, uid: int) -> None:
-    """Root -> `uid`/`uid` with no groups and no capabilities: the cwd is handed over first, then the bounding
-    set is emptied (needs CAP_SETPCAP, so before the switch), then setresuid clears the rest."""
+    """Root -> no capabilities, and `uid`/`uid` with no groups when uid >= 0 (the cwd is handed over first).
+    The bounding set is emptied first (that needs CAP_SETPCAP); setresuid to non-root then clears the rest,
+    and where root has to stay uid 0 (see the module docstring) capset empties every set."""
+    import ctypes
     import errno
+    import platform
 
-    os.chown(workdir, uid, uid)
+    if uid >= 0:
+        os.chown(workdir, uid, uid)
     for cap in range(64):
         try:
             _prctl(libc, 24, cap)  # PR_CAPBSET_DROP
@@ -407,9 +446,14 @@ def _drop_privileges(libc, workdir: str, uid: int) -> None:
                 raise
             break
     _prctl(libc, 47, 4)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
+    if uid >= 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    elif platform.machine() in _AUDIT_ARCH:
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+        if libc.syscall(_AUDIT_ARCH[platform.machine()][1]["capset"], header, (ctypes.c_uint32 * 6)()):
+            raise OSError(ctypes.get_errno(), "capset")
 
 
 def _capabilities(libc) -> int:
@@ -466,8 +510,9 @@ def _landlock(libc, workdir: str) -> int:
     return abi
 
 
-def _seccomp(libc) -> bool:
-    """Install the syscall filter described in the module docstring; False on an architecture we lack."""
+def _seccomp(libc, root: bool) -> bool:
+    """Install the syscall filter described in the module docstring (`root`: the metadata calls too); False on
+    an architecture we lack."""
     import ctypes
     import errno
     import platform
@@ -483,9 +528,14 @@ def _seccomp(libc) -> bool:
     prog: list[tuple[int, int, int, int]] = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, kill), (ld, 0, 0, 0)]
     if audit_arch == _AUDIT_ARCH["x86_64"][0]:
         prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, kill)]  # x32 syscalls
-    for name in ("socket", "fork", "vfork", "io_uring_setup"):
+    for name in ("socket", "fork", "vfork", "io_uring_setup", *_NO_OTHERS, *(_METADATA if root else ())):
         if name in nr:
             prog += [(jeq, 0, 1, nr[name]), (ret, 0, 0, eperm)]
+    pid = os.getpid()
+    only_self = [(jeq, 2, 0, 0), (jeq, 1, 0, pid), (ret, 0, 0, eperm), (ret, 0, 0, allow)]  # A = the pid argument
+    for name in _SELF_ONLY:
+        prog += [(jeq, 0, 5, nr[name]), (ld, 0, 0, 16), *only_self]  # args[0], low 32 bits (pid_t)
+    prog += [(jeq, 0, 7, nr["setpriority"]), (ld, 0, 0, 16), (jeq, 0, 3, 0), (ld, 0, 0, 24), *only_self]
     prog += [(jeq, 0, 1, nr["clone3"]), (ret, 0, 0, enosys)]
     prog += [(jeq, 0, 3, nr["clone"]), (ld, 0, 0, 16), (jset, 1, 0, clone_thread), (ret, 0, 0, eperm)]
     prog += [(ret, 0, 0, allow)]
@@ -507,7 +557,7 @@ def _isolate(workdir: str, memory_mb: int, timeout_s: float, drop_to: int) -> di
     """Every layer this process can set up, in order (see the module docstring); what is in force."""
     libc = _libc()
     _prctl(libc, 38, 1)  # PR_SET_NO_NEW_PRIVS: nothing exec'd later gains privileges
-    if drop_to >= 0:
+    if os.geteuid() == 0:
         _drop_privileges(libc, workdir, drop_to)
     active: dict[str, object] = {
         "namespaces": "bwrap" if os.getpid() <= 3 else None,  # pid 1 is bwrap's init in a new pid namespace
@@ -516,7 +566,7 @@ def _isolate(workdir: str, memory_mb: int, timeout_s: float, drop_to: int) -> di
         "capabilities": _capabilities(libc),
         "no_new_privs": True,
         "landlock_abi": _landlock(libc, workdir),
-        "seccomp": _seccomp(libc),
+        "seccomp": _seccomp(libc, root=os.getuid() == 0),
         "audit_hook": True,
         "rlimit_as_mb": memory_mb,
     }

@@ -155,3 +155,39 @@ def test_no_sandbox_dir_is_left_behind(tmp_path, monkeypatch):
     run_program("open('x', 'w').write('1')\n")
     run_program("while True: pass\n", timeout_s=0.5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reason_is_a_fixed_vocabulary_word():
+    from sdk.sandbox import REASONS, reason
+
+    cases = {
+        ("passed", ""): "passed",
+        ("failed", "AssertionError: x"): "assertion",
+        ("failed", "SyntaxError: invalid syntax"): "syntax",
+        ("failed", "exited before the end of the program (status 0)"): "early-exit",
+        ("failed", "exit status 3"): "exit-status",
+        ("failed", "killed by signal SIGTERM"): "signal",
+        ("failed", "root:x:0:0:root:/root:/bin/bash"): "exception",  # free text never passes through
+        ("timeout", "killed after 2s wall clock"): "timeout",
+        ("error", "cannot start the interpreter"): "sandbox-error",
+    }
+    assert {k: reason(*k) for k in cases} == cases
+    assert set(cases.values()) <= set(REASONS)
+
+
+def test_detail_is_capped():
+    result = run_program("raise SystemExit('x' * 5000)\n")
+    assert result.status == "failed" and len(result.detail) == 300
+
+
+def test_a_missing_layer_is_reported_and_warned_about_once(monkeypatch, caplog):
+    import sdk.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "_bwrap", lambda: None)
+    monkeypatch.setattr(sandbox, "_warned", sandbox.threading.Event())
+    with caplog.at_level("WARNING", logger="sdk.sandbox"):
+        active = layers()
+        assert run_program("pass\n").passed
+    assert "namespaces (install bubblewrap)" in active["missing"]
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "WITHOUT namespaces" in caplog.records[0].message
