@@ -11,11 +11,17 @@ block) so both sides of a pair have the form Best-of-N later scores: a chat repl
 Resumable: samples are cached per request (`sdk.humaneval.sample`) and labels per program as each run
 finishes (`sdk.evaluation.label_programs`, the evaluate stage's cache), so a killed build redoes neither.
 Rebuilding from the caches is deterministic.
+
+Rows: `prompt`, `chosen`, `rejected` (chat replies), `task_id`, `chosen_source` (`sample`/`canonical`),
+`rejected_status` (a sandbox status) and `rejected_detail`: one word of `sdk.sandbox.REASONS` saying why the
+rejected reply failed (`assertion`, `syntax`, `early-exit`, `timeout`, ...), never the program's own output.
+The sandbox's free-text `detail` (the program's last stderr line, at most 300 characters, whatever it chose to
+print) stays in the label cache (`labels.jsonl`) for people and is not training data.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +46,7 @@ class Candidate:
     reply: str
     completion: str
     status: str = ""
-    detail: str = ""
+    detail: str = ""  # a word of sdk.sandbox.REASONS
 
 
 def canonical_reply(problem: dict[str, Any]) -> str:
@@ -75,6 +81,7 @@ def label(
     only the programs not labelled yet (identical programs run once)."""
     from sdk.evaluation import label_programs
     from sdk.humaneval import program
+    from sdk.sandbox import reason
 
     labels = label_programs(
         [program(problems[c.task_id], c.completion) for c in candidates],
@@ -84,7 +91,7 @@ def label(
         desc="humaneval-exec: run tests",
     )
     return [
-        Candidate(c.task_id, c.source, c.index, c.reply, c.completion, got["status"], got["detail"][-300:])
+        replace(c, status=got["status"], detail=reason(got["status"], got["detail"]))
         for c, got in zip(candidates, labels, strict=True)
     ]
 
