@@ -104,6 +104,8 @@ def best_of_n(
     else:
         if generator is not None:
             raise DataError("best_of_n: give candidates or a generator, not both")
+        if isinstance(candidates, str):  # would be ranked character by character
+            raise DataError("best_of_n: candidates is a str, expected a list of strings (one per candidate)")
         if not single and any(isinstance(c, str) for c in candidates):
             bad = next(i for i, c in enumerate(candidates) if isinstance(c, str))
             raise DataError(f"best_of_n: candidates of prompt {bad} must be a list of strings")
@@ -156,7 +158,13 @@ def generate(
     if callable(generator) and not isinstance(generator, str | ModelSpec | GeneratorSpec):
         out = []
         for i, prompt in enumerate(prompts):
-            cands = list(generator(prompt, n))
+            got = generator(prompt, n)
+            if isinstance(got, str | bytes):  # a str of length n would pass as n one-character candidates
+                raise DataError(
+                    f"best_of_n: generator returned a {type(got).__name__} for prompt {i}, "
+                    f"expected a list of {n} strings"
+                )
+            cands = list(got)
             if len(cands) != n or not all(isinstance(c, str) for c in cands):
                 raise DataError(
                     f"best_of_n: generator returned {len(cands)} items for prompt {i}, expected {n} strings"

@@ -108,3 +108,29 @@ def precious_dirs() -> set[Path]:
         if repo is not None:
             found.add(repo)
     return found
+
+
+@contextmanager
+def atomic_files_into(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp directory beside `path`; on success each file written there is fsynced and renamed to the
+    same relative place under `path`, and nothing else in `path` is touched; on error the temp dir is removed.
+
+    For a directory that also holds files codepmp did not write, which `atomic_dir` cannot swap out without
+    deleting them. Each file is replaced atomically, the set of them is not: callers record what they are about
+    to write before leaving the block, so a crash midway leaves nothing they cannot tell apart from the user's.
+    """
+    target = Path(path)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        tmp.chmod(_DIR_MODE)
+        yield tmp
+        _fsync_tree(tmp)
+        for dirpath, _, files in os.walk(tmp):
+            into = target / Path(dirpath).relative_to(tmp)
+            into.mkdir(exist_ok=True)
+            for name in files:
+                os.replace(Path(dirpath, name), into / name)
+            _fsync_path(into)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

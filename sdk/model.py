@@ -11,10 +11,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from pipelines.errors import DataError
 from sdk.data import EncodedPairs, collate_pairs, encode_pairs, fit, pad, sorted_batches
+from sdk.fileio import atomic_dir, atomic_files_into, atomic_write_json, precious_dirs
 from sdk.losses import gather_last, lm_loss
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 SHARED_PREFIX_MIN = 16  # prompt tokens below which `score_ids` reruns the prompt (little to save; not tuned)
+SAVE_MARKER = "codepmp.json"  # in every saved reward model: what it was loaded from, and the files the save wrote
+MIN_MAX_LENGTH = 3  # a prompt token, a response token and the EOS: below it every response scores the same
 
 
 class RewardModule(nn.Module):
@@ -134,34 +136,54 @@ class RewardModel:
         module.eval()
         return cls(module, tokenizer, path)
 
-    def save_pretrained(self, output_dir: str | os.PathLike) -> Path:
-        """Write safetensors + config + tokenizer, atomically (a temp dir renamed into place).
+    def save_pretrained(self, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write safetensors + config + tokenizer, atomically, without ever deleting a file codepmp did not write.
 
         Plain `AutoModelForSequenceClassification.from_pretrained(dir)` gives the same scores; the untied LM
         head rides along as `lm_head.weight` (plain transformers reports it as unused and ignores it).
+
+        A missing or empty `output_dir`, or a previous save holding only its own files, is replaced whole (no
+        stale shard of an earlier save survives). A directory holding anything else is refused, unless
+        `overwrite=True`: then only the files of this save (and of the previous one, per its `codepmp.json`)
+        are replaced or removed, each atomically, and the rest is left as it was.
         """
         out = Path(output_dir)
+        previous = check_save_dir(out, overwrite)
         _check_writable(out.parent)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
         classifier = self.module.classifier
         untied = self.module.lm_head is not None and not _tied(self.module)
+        marker = {"base": self.source, "lm_head": untied}
         try:
             if untied:
                 classifier.lm_head = self.module.lm_head  # saved with the classifier's (sharded) safetensors
             classifier.config.architectures = [type(classifier).__name__]
-            classifier.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / "codepmp.json").write_text(json.dumps({"base": self.source, "lm_head": untied}, indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            if previous is None:
+                with atomic_dir(out) as tmp:
+                    files = self._write(tmp)
+                    atomic_write_json(tmp / SAVE_MARKER, {**marker, "files": files})
+                return out
+            with atomic_files_into(out) as tmp:
+                files = self._write(tmp)
+                # recorded before any file moves in: a crash midway leaves every file of ours known as ours
+                every = sorted((previous | set(files)) - {SAVE_MARKER})
+                atomic_write_json(out / SAVE_MARKER, {**marker, "files": every})
+            root = out.resolve()
+            # the earlier save's files this one did not rewrite (its shards): a loader could pick them up
+            for stale in sorted(previous - {*files, SAVE_MARKER}):
+                path = out / stale
+                if (path.is_file() or path.is_symlink()) and path.parent.resolve().is_relative_to(root):
+                    path.unlink()
+            atomic_write_json(out / SAVE_MARKER, {**marker, "files": files})
+            return out
         finally:
             if untied:
                 del classifier.lm_head
-        return out
+
+    def _write(self, directory: Path) -> list[str]:
+        """The HF files of this model into `directory`; returns their paths relative to it."""
+        self.module.classifier.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
     # ------------------------------------------------------------------ scoring
 
@@ -173,6 +195,13 @@ class RewardModel:
         self, prompts: Sequence[str], responses: Sequence[str], max_length: int
     ) -> tuple[list[list[int]], list[int]]:
         """Sequences `prompt + response + EOS` after truncation, and the prompt tokens each one kept."""
+        check_max_length(max_length)
+        for name, texts in (("prompts", prompts), ("responses", responses)):
+            if isinstance(texts, str | bytes):  # would be scored character by character
+                raise DataError(
+                    f"score: {name} is a {type(texts).__name__}, expected a list of strings (one per pair): "
+                    "score([prompt], [response])"
+                )
         if len(prompts) != len(responses):
             raise DataError(f"score: {len(prompts)} prompts but {len(responses)} responses")
         for name, texts in (("prompts", prompts), ("responses", responses)):
@@ -328,6 +357,7 @@ class RewardModel:
 
     def encode(self, table: Any, max_length: int, drop_identical: bool = True) -> EncodedPairs:
         """Tokenize pairs with the module's truncation rule (`sdk.data`)."""
+        check_max_length(max_length)
         return encode_pairs(table, self.tokenizer, max_length, drop_identical=drop_identical)
 
     def collate(self, encoded: Sequence[Any], padding_side: str = "right") -> dict[str, Any]:
@@ -336,22 +366,38 @@ class RewardModel:
     # ------------------------------------------------------------------ training
 
     def pretrain(
-        self, pairs: Any, output_dir: str | os.PathLike, config: TrainConfig | None = None, **cfg: Any
+        self,
+        pairs: Any,
+        output_dir: str | os.PathLike,
+        config: TrainConfig | None = None,
+        *,
+        overwrite: bool = False,
+        **cfg: Any,
     ) -> TrainResult:
-        """CodePMP pretraining: `rm_coef * ranking + lm_coef * LM-on-chosen` (defaults 1.0 / 1.0, wsd)."""
+        """CodePMP pretraining: `rm_coef * ranking + lm_coef * LM-on-chosen` (defaults 1.0 / 1.0, wsd).
+
+        `output_dir` is new, empty or an earlier run's; `overwrite=True` writes beside other files (`sdk.train`).
+        """
         from sdk.config import TrainConfig
         from sdk.train import train
 
-        return train(self, pairs, output_dir, config or TrainConfig(**cfg))
+        return train(self, pairs, output_dir, config or TrainConfig(**cfg), overwrite=overwrite)
 
     def finetune(
-        self, pairs: Any, output_dir: str | os.PathLike, config: TrainConfig | None = None, **cfg: Any
+        self,
+        pairs: Any,
+        output_dir: str | os.PathLike,
+        config: TrainConfig | None = None,
+        *,
+        overwrite: bool = False,
+        **cfg: Any,
     ) -> TrainResult:
         """Finetuning: the spec's `finetune` defaults (ranking only, cosine) under any overrides."""
         from sdk.config import TrainConfig
         from sdk.train import train
 
-        return train(self, pairs, output_dir, config or TrainConfig(**{**finetune_defaults(), **cfg}))
+        config = config or TrainConfig(**{**finetune_defaults(), **cfg})
+        return train(self, pairs, output_dir, config, overwrite=overwrite)
 
 
 def finetune_defaults() -> dict[str, Any]:
@@ -419,3 +465,83 @@ def _check_writable(directory: Path) -> None:
             pass
     except OSError as exc:
         raise DataError(f"output dir {directory} is not writable ({exc.strerror})") from exc
+
+
+def check_max_length(max_length: int) -> None:
+    """Refuse a length that cannot hold a response token: truncation would leave every response the same
+    (often just the EOS), and every score equal, with no sign of it."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < MIN_MAX_LENGTH:
+        raise DataError(
+            f"max_length={max_length!r}: a sequence must hold a prompt token, a response token and the EOS, "
+            f"so use at least {MIN_MAX_LENGTH} (default 2048)"
+        )
+
+
+# ---------------------------------------------------------------------- output directories (DESIGN.md §6c)
+
+
+def check_not_precious(directory: Path, what: str) -> None:
+    """Refuse the file system root, the home directory and a git checkout's root as an output dir: whatever
+    the flags, codepmp has no business replacing files there."""
+    resolved = directory.resolve()
+    if resolved not in precious_dirs():
+        return
+    if resolved == Path("/"):
+        why = "the file system root"
+    elif resolved == Path.home().resolve():
+        why = "your home directory"
+    else:
+        why = "the root of a git checkout"
+    raise DataError(f"{what}: refusing {directory}: it is {why}; give a directory of its own inside it")
+
+
+def check_save_dir(directory: Path, overwrite: bool) -> set[str] | None:
+    """Whether `save_pretrained` may write `directory`, decided before anything is written.
+
+    None: it is missing, empty or a previous save holding only its own files, so it may be replaced whole.
+    A set (only with `overwrite`): it holds other files too; the set is the files a previous save recorded,
+    which may be replaced or removed, the only ones.
+    """
+    check_not_precious(directory, "save_pretrained")
+    if directory.exists() and not directory.is_dir():
+        raise DataError(f"save_pretrained: {directory} is a file, not a directory")
+    ours = _saved_files(directory)
+    foreign = _foreign_entries(directory, ours or set()) if directory.is_dir() else []
+    if not foreign:
+        return None
+    if not overwrite:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DataError(
+            f"save_pretrained: {directory} holds files codepmp did not write ({shown}); save to another "
+            "directory, or pass overwrite=True to replace only codepmp's files there and keep the others"
+        )
+    return ours or set()
+
+
+def _saved_files(directory: Path) -> set[str] | None:
+    """The files a previous save recorded in its marker, the marker included; None without a usable record.
+
+    Only plain relative paths count: a marker naming `../x` or `/x` is not ours, and nothing it names is removed.
+    """
+    try:
+        files = json.loads((directory / SAVE_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, list):
+        return None
+    for name in files:
+        if not isinstance(name, str) or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            return None
+    return {*files, SAVE_MARKER}
+
+
+def _foreign_entries(directory: Path, ours: set[str]) -> list[str]:
+    """Files (and symlinks, and empty directories) under `directory` that are not in `ours`, sorted."""
+    foreign = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        rel = Path(dirpath).relative_to(directory)
+        links = [d for d in dirnames if Path(dirpath, d).is_symlink()]  # os.walk does not enter them
+        foreign += [(rel / name).as_posix() for name in filenames + links if (rel / name).as_posix() not in ours]
+        if rel != Path(".") and not filenames and not dirnames:
+            foreign.append(f"{rel.as_posix()}/")
+    return sorted(foreign)

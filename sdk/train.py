@@ -7,6 +7,11 @@ Layout of `output_dir`:
     final/                      HF model dir (`RewardModel.save_pretrained`), written last
     metrics.jsonl               one line per optimizer step (all processes reduced)
     data_summary.json           pairs in / used, drops by reason, truncations
+    codepmp-train.json          marker written first: the dir is a codepmp training dir (DESIGN.md §6c)
+
+`output_dir` must be new, empty, a codepmp training dir (a rerun resumes there) or a stage dir of `codepmp run`
+(it holds the runner's `_stage.json`); anything else is refused before any work, unless `overwrite=True`:
+then the entries above are written beside the other files, which stay untouched.
 
 Resuming is exact: the micro-batch order is a pure function of (seed, epoch, batch size), so a restart at
 step s skips the first s * grad_accum micro-batches of that order and sees the same samples next.
@@ -33,11 +38,15 @@ from torch import nn
 from pipelines.errors import DataError, RunError
 from sdk.config import TrainConfig
 from sdk.data import EncodedPair, EncodedPairs, length_grouped_batches, load_pairs, steps_for
-from sdk.fileio import atomic_write_text
+from sdk.fileio import atomic_write_json, atomic_write_text
 from sdk.losses import reward_model_loss
 
 if TYPE_CHECKING:
     from sdk.model import RewardModel
+
+TRAIN_MARKER = "codepmp-train.json"
+STAGE_RECORD = "_stage.json"  # `pipelines.runner.RECORD`: the runner made the dir and guards it
+OUTPUTS = ("checkpoints", "ladder", "final", "metrics.jsonl", "data_summary.json", TRAIN_MARKER)
 
 
 class TrainingDiverged(RunError):
@@ -214,6 +223,37 @@ def ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- the output directory
+
+
+def claim_output_dir(out: Path, overwrite: bool) -> None:
+    """Check `out` may hold this run's outputs, then mark it as a codepmp training dir; before any work, so a
+    refusal costs nothing and a run never ends in an export it may not write.
+
+    Every process of a run calls this on the same dir: the marker's temp file (another process writing it)
+    does not count as a stranger's file, and writing the marker twice gives the same file.
+    """
+    from sdk.model import _check_writable, check_not_precious, check_save_dir
+
+    check_not_precious(out, "train")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"train: output dir {out} is a file, not a directory")
+    _check_writable(out)
+    names = sorted(
+        p.name for p in out.iterdir() if not (p.name.startswith(f".{TRAIN_MARKER}.") and p.name.endswith(".tmp"))
+    )
+    if names and TRAIN_MARKER not in names and STAGE_RECORD not in names and not overwrite:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise DataError(
+            f"train: output dir {out} is not empty and not a codepmp training dir (holds {shown}); use a new or "
+            "empty directory, or pass overwrite=True to write codepmp's outputs beside those files"
+        )
+    for export in [out / "final", *sorted((out / "ladder").glob("step-*"))]:  # replaced at the end of training
+        check_save_dir(export, overwrite)
+    if TRAIN_MARKER not in names:
+        atomic_write_json(out / TRAIN_MARKER, {"written_by": "codepmp", "outputs": list(OUTPUTS)})
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -224,22 +264,22 @@ def train(
     cfg: TrainConfig,
     *,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train `rm` in place on `pairs`; resumes from `output_dir/checkpoints/latest` when present.
 
     `on_step(step, metrics)` runs on every process after each optimizer step (logging hooks, tests).
+    `overwrite=True` lets a directory holding other files be used (see the module docstring).
     """
-    from sdk.model import _check_writable
-
     out = Path(output_dir)
-    _check_writable(out)
     if cfg.lm_coef > 0 and rm.module.lm_head is None:
         raise DataError(f"{rm.source} has no LM head (untied and not in the checkpoint): set lm_coef=0")
+    claim_output_dir(out, overwrite)
 
     encoded = rm.encode(load_pairs(pairs), cfg.max_length_tokens)
     rank, world, created_group = setup_distributed()
     try:
-        return _train_in_group(rm, encoded, out, cfg, rank, world, on_step)
+        return _train_in_group(rm, encoded, out, cfg, rank, world, on_step, overwrite)
     finally:
         if created_group and world == 1:
             # Leave the process as found, even after an error: while a group is live, the next vLLM engine must
@@ -258,6 +298,7 @@ def _train_in_group(
     rank: int,
     world: int,
     on_step: Callable[[int, dict[str, float]], None] | None,
+    overwrite: bool,
 ) -> TrainResult:
     """The loop proper, inside the process group `train` set up."""
     import deepspeed
@@ -391,13 +432,13 @@ def _train_in_group(
                 engine, ckpt_dir, step + 1, {**state, "step": step + 1, "samples_seen": row["samples_seen"]}, rank
             )
         if step + 1 in save_at:
-            _export(rm, engine, out / "ladder" / f"step-{step + 1:07d}", cfg, rank)
+            _export(rm, engine, out / "ladder" / f"step-{step + 1:07d}", cfg, rank, overwrite)
         if on_step is not None:
             on_step(step + 1, row)
     bar.close()
 
     final = out / "final"
-    _export(rm, engine, final, cfg, rank)
+    _export(rm, engine, final, cfg, rank, overwrite)
     engine.destroy()  # removes DeepSpeed's gradient hooks, so the model can be trained again (pretrain -> finetune)
     module.zero_grad(set_to_none=True)
     if cfg.zero_stage == 3:  # parameters stay partitioned after ZeRO-3: reload the gathered weights
@@ -463,16 +504,16 @@ def _resume(engine: Any, ckpt_dir: Path, state: dict[str, Any]) -> tuple[int, Pa
     return saved["step"], tag_dir, saved["samples_seen"]
 
 
-def _export(rm: RewardModel, engine: Any, directory: Path, cfg: TrainConfig, rank: int) -> None:
+def _export(rm: RewardModel, engine: Any, directory: Path, cfg: TrainConfig, rank: int, overwrite: bool) -> None:
     """HF model dir from rank 0 (ZeRO-3 shards are gathered first)."""
     if cfg.zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             if rank == 0:
-                rm.save_pretrained(directory)
+                rm.save_pretrained(directory, overwrite=overwrite)
     elif rank == 0:
-        rm.save_pretrained(directory)
+        rm.save_pretrained(directory, overwrite=overwrite)
     dist.barrier()
 
 
