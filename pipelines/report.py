@@ -363,8 +363,22 @@ def _evaluate_section(root: Path) -> list[str]:
         block = results.get(name) if isinstance(results, dict) else None
         if isinstance(block, dict) and isinstance(block.get("curve"), dict):
             lines += [*_bon_table(name, block), ""]
+    lines += _sandbox_warning(results)
     lines += [f"![{png.stem}](evaluate/{png.name})" for png in pngs]
     return lines
+
+
+def _sandbox_warning(results: Any) -> list[str]:
+    """A loud line when HumanEval programs ran without an isolation layer (`sdk.sandbox.layers()["missing"]`)."""
+    humaneval = results.get("humaneval") if isinstance(results, dict) else None
+    sandbox = humaneval.get("sandbox") if isinstance(humaneval, dict) else None
+    active = sandbox.get("layers") if isinstance(sandbox, dict) else None
+    if not isinstance(active, dict):
+        return []
+    missing = active.get("missing") or ([f"all (the sandbox failed: {active['error']})"] if "error" in active else [])
+    if not missing:
+        return []
+    return [f"**Warning: HumanEval programs ran without these sandbox layers: {', '.join(missing)}.**", ""]
 
 
 def _bon_table(name: str, block: dict[str, Any]) -> list[str]:

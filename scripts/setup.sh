@@ -14,6 +14,15 @@ PY=${PYTHON:-python3.11}
 STAMP="$VENV/.codepmp-install"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
+# bubblewrap: the sandbox's namespace layer (sdk/sandbox.py). Checked on every run, before the stamp, as it
+# lives outside the venv. Installed only where we are root with apt-get; elsewhere the sandbox runs without
+# it and says so (a warning, `layers()["missing"]`, the report).
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing bubblewrap (sandbox namespaces)"
+  { apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; }; } >/dev/null 2>&1 \
+    || echo "setup: could not install bubblewrap; the sandbox will run without namespaces" >&2
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   echo "setup: environment in $VENV is up to date"
   exit 0
