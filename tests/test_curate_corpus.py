@@ -15,6 +15,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -275,8 +276,8 @@ def test_huge_one_line_file_without_size_filter_is_caught_by_max_line(tmp_path: 
     assert _paths(read_shards(tmp_path / "run" / "curate" / "output")) == {"bisect.py"}
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_file_without_read_permission_is_counted(tmp_path: Path) -> None:
+def _unreadable_file_case(tmp_path: Path) -> dict:
+    """Curate a corpus holding a mode-0 file; the read step's drop counts."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     shutil.copyfile(stdlib_dir() / "bisect.py", corpus / "bisect.py")
@@ -288,4 +289,29 @@ def test_file_without_read_permission_is_counted(tmp_path: Path) -> None:
         run_curate(spec, tmp_path / "run")
     finally:
         locked.chmod(0o600)
-    assert stats_rows(tmp_path / "run")["read"]["dropped"] == {"unreadable": 1}
+    return stats_rows(tmp_path / "run")["read"]["dropped"]
+
+
+def test_file_without_read_permission_is_counted(tmp_path: Path) -> None:
+    """Root reads files whatever their mode, so as root (CI) the case runs as uid 65534 in a subprocess."""
+    if os.geteuid() != 0:
+        assert _unreadable_file_case(tmp_path) == {"unreadable": 1}
+        return
+    from tests.test_sandbox_hostile import REPO, as_nobody
+
+    shared = Path(tempfile.mkdtemp(prefix="codepmp-nobody-"))  # pytest's tmp_path is closed to uid 65534
+    shared.chmod(0o777)
+    code = (
+        "import json, sys; from pathlib import Path; from tests.test_curate_corpus import _unreadable_file_case; "
+        "print(json.dumps(_unreadable_file_case(Path(sys.argv[1]))))"
+    )
+    cmd = as_nobody([sys.executable, "-c", code, str(shared)])
+    if cmd is None:
+        pytest.skip("root without bwrap/setpriv: no way to run as an unprivileged user here")
+    try:
+        env = {**os.environ, "HOME": str(shared)}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"unreadable": 1}
