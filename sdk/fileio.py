@@ -71,7 +71,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     An existing `path` is swapped out by rename and removed only after the new tree is in place, so a crash
     leaves either the old directory or the new one under `path` (plus a hidden `.NAME.*.old` to clean up).
-    Callers decide beforehand whether `path` may be replaced at all (see `check_replaceable`).
+    Callers decide beforehand whether `path` may be replaced at all (`sdk.model.check_save_dir`, `claim_dir`).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
