@@ -31,7 +31,9 @@ before it (status 0 or not, SystemExit, os._exit, a signal, a thread calling exi
 reaches the boot code on stdin and exists afterwards only as a constant of the program's own code object,
 which the program cannot reach: a Python audit hook refuses `f_code` on the program's module frame,
 `sys.settrace`/`sys.setprofile` (a trace function could jump over the checks), `gc` object walks, every ctypes
-operation and opening anything under /proc (no `/proc/self/mem`). The status pipe also carries the boot code's
+operation (once ctypes imports, `ctypes.cast` reads any address without an audit event) and opening anything
+under /proc (no `/proc/self/mem`). The price: programs cannot import ctypes, nor numpy (which does), and one
+that prints a traceback of a module-level exception itself fails for it. The status pipe also carries the boot code's
 own messages, each prefixed with the token, so text the program prints (on stderr or the pipe) cannot pass for
 them. Residual risk: audit hooks are not a security boundary; an interpreter bug, a C extension in the venv
 that reads raw memory, or a way to the code object we did not think of would let a program that targets this
@@ -607,7 +609,8 @@ def _audit_hook(module_globals: dict) -> Callable[[str, tuple], None]:
         if event == "object.__getattr__" and args[1] == "f_code":
             frame = args[0]
             if frame.f_globals is module_globals and frame.f_locals is module_globals:
-                raise PermissionError("sandbox: the program's own code object is not readable")
+                # ValueError: what logging, typing and namedtuple already expect from frame lookups
+                raise ValueError("sandbox: the program's own code object is not readable")
         elif event == "open" and proc_visible and isinstance(args[0], str | bytes):
             path = os.fsdecode(args[0])
             if os.path.realpath(path).startswith("/proc/") or path.startswith("/proc/"):
