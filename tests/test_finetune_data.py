@@ -98,6 +98,8 @@ def test_build_labels_by_execution_and_includes_the_canonical_solution(fake_samp
     assert {r["rejected"] for r in first} == set(fake_replies(p163)[1:])
     assert {r["chosen_source"] for r in first} == {"sample", "canonical"}
     assert {r["rejected_status"] for r in rows} == {"failed"}
+    # the failing side's reason is one word of a fixed list, never the program's own output (training data)
+    assert {r["rejected_detail"] for r in rows} <= set(sdk.sandbox.REASONS) - {"passed"}
     assert load_pairs(str(path)).num_rows == 12  # readable as TRL-format pairs by the SDK
     # the canonical reply runs like any candidate and passes; it is what the prompt asks for: one fenced function
     reply = canonical_reply(p163)

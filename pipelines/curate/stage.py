@@ -7,7 +7,9 @@ so a resumed run reads the same files in the same order and writes the same outp
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +27,7 @@ from pipelines.stage import Stage, claim_dir
 from sdk.fileio import atomic_write_json
 
 OUTPUT_GLOB = "curate/output/*.jsonl.gz"  # relative to WORKDIR: what the describe stage reads
-SLURM_POLL_S = 60
+SLURM_POLL_S = float(os.environ.get("CODEPMP_SLURM_POLL_S", 60))  # seconds between queue checks; tests use 1
 
 
 def curate_layout(spec: Spec, outdir: Path) -> CurateLayout:
@@ -106,13 +108,43 @@ class CurateStage(Stage):
                 raise RunError(f"curate step `{step.name}` failed: {exc!r}; task logs in {logs}") from exc
 
     def _submit_and_wait(self, executors: list[PipelineExecutor]) -> None:
-        """Submit the whole chain as dependent Slurm job arrays, then wait for the last step's completions."""
+        """Submit the whole chain as dependent Slurm job arrays, then wait for the last step's completions.
+
+        A step whose job left the queue with tasks unfinished failed: the jobs after it would wait forever on
+        their dependency, so they are cancelled and the run stops with a RunError naming the step and its logs.
+        """
         last = executors[-1]
         assert isinstance(last, SlurmPipelineExecutor)
-        last.run()
+        check_slurm(self.spec.executor.partition)
+        try:
+            last.run()
+        except subprocess.CalledProcessError as exc:  # sbatch printed why just above
+            raise RunError(f"executor.kind=slurm: sbatch refused a job (exit {exc.returncode}, see above)") from None
         while incomplete := len(last.get_incomplete_ranks()):
+            self._raise_if_a_step_failed(executors)
             self.echo(f"  waiting for slurm: {incomplete}/{last.world_size} final tasks left (Ctrl-C is safe)")
             time.sleep(SLURM_POLL_S)
+
+    def _raise_if_a_step_failed(self, executors: list[PipelineExecutor]) -> None:
+        out = subprocess.run(["squeue", "-h", "-o", "%F %j"], capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            return  # the controller is busy or restarting: look again next time
+        queued = dict(line.split(maxsplit=1) for line in out.stdout.splitlines() if " " in line)  # job id -> name
+        chain = [e for e in executors if isinstance(e, SlurmPipelineExecutor) and e.job_id != -1]
+        for executor in chain:  # queue first, completions second: a job gone from the queue wrote them all
+            if str(executor.job_id) in queued or not (missing := executor.get_incomplete_ranks()):
+                continue
+            # what waits on it (later steps, and datatrove's stats jobs, named like their step) would wait forever
+            names = {e.job_name for e in chain}
+            waiting = [j for j, name in queued.items() if name in names and int(j) > int(executor.job_id)]
+            if waiting:
+                subprocess.run(["scancel", *waiting], capture_output=True, check=False)
+            logs = Path(executor.logging_dir.path)
+            raise RunError(
+                f"curate step `{logs.name.split('_', 1)[1]}` failed on slurm (job {executor.job_id}, task(s) "
+                f"{', '.join(map(str, missing[:10]))} unfinished); its {len(waiting)} dependent job(s) were "
+                f"cancelled; task logs in {logs / 'slurm_logs'}"
+            )
 
     def _describe_source(self) -> str:
         source = self.spec.source
@@ -126,3 +158,21 @@ def _init_ray(address: str | None) -> None:
         raise RunError("executor.kind=ray needs Ray: pip install 'ray[default]'") from None
     if not ray.is_initialized():
         ray.init(address=address)
+
+
+def check_slurm(partition: str) -> None:
+    """Before submitting: sbatch is here, the controller answers, and it has `partition`."""
+    if shutil.which("sbatch") is None:
+        raise RunError(
+            "executor.kind=slurm: `sbatch` is not on PATH; run on a Slurm submit host "
+            "(a one-node cluster on this machine: scripts/slurm-local.sh start)"
+        )
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RunError(f"executor.kind=slurm: `sinfo` did not answer ({exc})") from None
+    if out.returncode != 0:
+        raise RunError(f"executor.kind=slurm: the Slurm controller does not answer (sinfo: {out.stderr.strip()})")
+    known = sorted(set(out.stdout.split()))
+    if partition not in known:
+        raise SpecError(f"executor.partition: Slurm has no partition `{partition}` (it has: {', '.join(known)})")
