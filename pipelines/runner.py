@@ -318,23 +318,23 @@ def _check_upstream_done(spec: Spec, layout: RunLayout, stage: str, prints: dict
 def record_done(spec: Spec, layout: RunLayout, stage: str, summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """Record `stage` as done with whatever its directory holds now: for outputs made outside `codepmp run`
     (tests, data imported from elsewhere) that later stages should read as that stage's outputs."""
-    prints = fingerprints(spec)
-    record = {
-        "stage": stage,
-        "fingerprint": prints[stage],
-        "section_hash": spec.section_hash(stage),
-        "upstream": {up: prints[up] for up in spec.upstream(stage)},
-        "upstream_outputs": _upstream_digests(spec, layout, stage),
-        "status": "done",
-        "summary": summary or {},
-        "outputs": output_manifest(layout.stage_dir(stage)),
-    }
+    record = _new_record(spec, layout, stage, fingerprints(spec))
+    record.update(status="done", summary=summary or {}, outputs=output_manifest(layout.stage_dir(stage)))
     atomic_write_json(layout.stage_dir(stage) / RECORD, record)
     return record
 
 
-def _upstream_digests(spec: Spec, layout: RunLayout, stage: str) -> dict[str, str | None]:
-    return {up: (read_record(layout, up) or {}).get("outputs", {}).get("digest") for up in spec.upstream(stage)}
+def _new_record(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str]) -> dict[str, Any]:
+    """What a stage is built from: its fingerprint, its upstream stages' fingerprints and their outputs' digests."""
+    return {
+        "stage": stage,
+        "fingerprint": prints[stage],
+        "section_hash": spec.section_hash(stage),
+        "upstream": {up: prints[up] for up in spec.upstream(stage)},
+        "upstream_outputs": {
+            up: (read_record(layout, up) or {}).get("outputs", {}).get("digest") for up in spec.upstream(stage)
+        },
+    }
 
 
 def _run_one(
@@ -353,11 +353,7 @@ def _run_one(
         shutil.rmtree(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     record = {
-        "stage": stage,
-        "fingerprint": prints[stage],
-        "section_hash": spec.section_hash(stage),
-        "upstream": {up: prints[up] for up in spec.upstream(stage)},
-        "upstream_outputs": _upstream_digests(spec, layout, stage),
+        **_new_record(spec, layout, stage, prints),
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
