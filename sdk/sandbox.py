@@ -272,11 +272,15 @@ def _bwrap() -> tuple[str, ...] | None:
         return None
     cmd = [path, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     cmd += ["--die-with-parent", "--new-session"] + ([] if os.geteuid() == 0 else ["--unshare-user"])
-    probe = [*cmd, *_bwrap_mounts(tempfile.gettempdir()), "--", sys.executable, "-I", "-c", "pass"]
+    # probed on a program dir like a real one: a tmpfs on the temp root itself would hide a venv beneath it
+    workdir = tempfile.mkdtemp(prefix="codepmp-sandbox-")
+    probe = [*cmd, *_bwrap_mounts(workdir), "--", sys.executable, "-I", "-c", "pass"]
     try:
         ok = subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
         ok = False
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     return tuple(cmd) if ok else None
 
 

@@ -3,10 +3,15 @@ reports them as failures within their limits, never as a hang and never at our e
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +32,23 @@ def test_isolation_layers_are_active_here():
     active = layers()
     assert active["seccomp"] is True
     assert active["landlock_abi"] >= 6  # FS writes, TCP and signal scoping
+    if shutil.which("bwrap") and os.geteuid() == 0:  # as in CI: setup installs bubblewrap
+        assert (active["namespaces"], active["uid"], active["missing"]) == ("bwrap", 65534, [])
+
+
+def test_namespaces_are_used_when_the_venv_lives_under_the_temp_dir(monkeypatch):
+    """A fresh clone in /tmp: bwrap's probe once put its tmpfs on the temp root itself, hid the venv below it,
+    failed, and every candidate ran without namespaces."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed (scripts/setup.sh installs it where root with apt-get)")
+    import sdk.sandbox as sb
+
+    monkeypatch.setattr(tempfile, "tempdir", str(Path(sys.prefix).parent))
+    sb._bwrap.cache_clear()
+    try:
+        assert sb._bwrap() is not None
+    finally:
+        sb._bwrap.cache_clear()
 
 
 def test_infinite_loop_is_killed_at_the_time_limit():
