@@ -67,17 +67,19 @@ def kill_when(workdir: Path, stage: str, ready: Callable[[Path], bool], timeout:
     assert record["status"] == "running", f"killed too late: {stage} had already finished"
 
 
-def _lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 def curate_step_done(workdir: Path) -> bool:
     """The first datatrove step finished a task: the kill lands between steps of the curate chain."""
     return any((workdir / "curate" / "logs").glob("*/completions/*"))
 
 
+def strong_cache(workdir: Path) -> list[str]:
+    """Request ids in the strong model's request caches (one per chunk), in cache order."""
+    files = sorted((workdir / "generate" / "cache" / "strong").glob("*.jsonl"))
+    return [json.loads(line)["rid"] for f in files for line in f.read_text().splitlines() if line.endswith("}")]
+
+
 def strong_replies(workdir: Path) -> bool:
-    return _lines(workdir / "generate" / "cache" / "strong.jsonl") >= 2
+    return len(strong_cache(workdir)) >= 2
 
 
 def pretrain_checkpoint(workdir: Path) -> bool:
@@ -132,13 +134,13 @@ def test_sigkill_in_curate_generate_and_pretrain_then_resume_gives_identical_res
     def killed_chain() -> str:
         kill_when(workdir, "curate", curate_step_done)
         kill_when(workdir, "generate", strong_replies)
-        cached = _lines(workdir / "generate" / "cache" / "strong.jsonl")
+        cached = len(strong_cache(workdir))
         kill_when(workdir, "pretrain", pretrain_checkpoint)
         log = run_to_end(workdir)
         assert "resume" in log
-        strong_cache = [json.loads(line)["rid"] for line in (workdir / "generate" / "cache" / "strong.jsonl").open()]
-        assert len(strong_cache) == len(set(strong_cache)), "a finished request was generated twice"
-        assert len(strong_cache) >= cached
+        rids = strong_cache(workdir)
+        assert len(rids) == len(set(rids)), "a finished request was generated twice"
+        assert len(rids) >= cached
         return log
 
     benchmark.pedantic(killed_chain, rounds=1, iterations=1)

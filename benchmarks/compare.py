@@ -7,7 +7,8 @@ RESULTS.json is what `pytest benchmarks --benchmark-json=RESULTS.json` writes. E
 side-by-side ratio (ours vs a baseline measured in the same run, on the same machine, under the same load)
 into `extra_info`; machines differ in speed, ratios much less. The baseline file names, per benchmark, the
 ratio keys to gate with their recorded value and tolerance (fail when value < recorded * (1 - tolerance)),
-and quality floors (fail when value < floor). Absolute times are printed for the log only. A gated
+quality floors (fail when value < floor) and ceilings for figures that must stay low, such as memory growth
+(fail when value > ceiling). Absolute times are printed for the log only. A gated
 benchmark missing from the results fails too: a suite that silently stopped running is a regression.
 """
 
@@ -27,7 +28,7 @@ BASELINE = Path(__file__).with_name("baseline.json")
 class Check:
     benchmark: str
     key: str
-    kind: str  # "ratio" | "floor"
+    kind: str  # "ratio" | "floor" | "ceiling"
     value: float | None
     limit: float
     ok: bool
@@ -62,11 +63,15 @@ def evaluate(results: dict[str, Any], baseline: dict[str, Any]) -> list[Check]:
             value = lookup(extra, key)
             ok = value is not None and value >= gate["floor"]
             checks.append(Check(name, key, "floor", value, gate["floor"], ok, gate.get("value", gate["floor"])))
+        for key, gate in gates.get("ceilings", {}).items():
+            value = lookup(extra, key)
+            ok = value is not None and value <= gate["ceiling"]
+            checks.append(Check(name, key, "ceiling", value, gate["ceiling"], ok, gate.get("value", gate["ceiling"])))
     return checks
 
 
 def report(results: dict[str, Any], checks: list[Check]) -> str:
-    lines = [f"{'benchmark':<52} {'gate':<44} {'now':>8} {'recorded':>8} {'min':>8}  verdict"]
+    lines = [f"{'benchmark':<52} {'gate':<44} {'now':>8} {'recorded':>8} {'limit':>8}  verdict"]
     for c in checks:
         now = "missing" if c.value is None else f"{c.value:.3f}"
         verdict = "ok" if c.ok else "REGRESSED"
@@ -85,7 +90,7 @@ def update(results: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
         if name not in found:
             raise SystemExit(f"compare --update: {name} is not in the results; run the whole suite first")
         extra = found[name]["extra_info"]
-        for section in ("ratios", "floors"):
+        for section in ("ratios", "floors", "ceilings"):
             for key, gate in gates.get(section, {}).items():
                 value = lookup(extra, key)
                 if value is None:
@@ -116,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, checks))
     failed = [c for c in checks if not c.ok]
     for c in failed:
-        why = "is missing" if c.value is None else f"= {c.value:.3f} < {c.limit:.3f}"
+        sign = ">" if c.kind == "ceiling" else "<"
+        why = "is missing" if c.value is None else f"= {c.value:.3f} {sign} {c.limit:.3f}"
         print(f"compare: {c.benchmark} {c.kind} {c.key} {why}", file=sys.stderr)
     return 1 if failed else 0
 

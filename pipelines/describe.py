@@ -1,8 +1,11 @@
 """`describe`: an instruct LLM writes, for each curated file, the instruction that file answers.
 
-Reads `WORKDIR/curate/output/*.jsonl.gz` (datatrove documents) and writes
-`WORKDIR/describe/output/part-NNNNN.jsonl.gz`, one record per kept instruction:
+Reads `WORKDIR/curate/output/<shard>.jsonl.gz` (datatrove documents) and writes
+`WORKDIR/describe/output/<shard>-<chunk>.jsonl.gz`, one record per kept instruction:
 `{id, instruction, language, repo, path, source_tokens, truncated, finish_reason}`.
+Runs as datatrove tasks on `describe.executor` (else the top-level executor): each task takes whole curated
+shards and streams them in chunks of `chunk_size` documents, each chunk with its own request cache
+(`cache/<shard>-<chunk>.jsonl`) and figures (`stats/<shard>-<chunk>.json`, written last: the chunk is done).
 
 Truncation rule: a file whose prompt would exceed `max_input_tokens` (or the model context minus
 `max_new_tokens`) keeps its head, cut back to the last whole line that fits, so the describer sees
@@ -14,6 +17,7 @@ would leak the answer into the prompt).
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from typing import Any
@@ -21,12 +25,14 @@ from typing import Any
 from pipelines.engine import Generator, Request, RequestCache, leave_idle, open_generator
 from pipelines.errors import RunError
 from pipelines.pairs.checks import is_repetition_loop
-from pipelines.shards import read_shards, stage_shards, write_parts
+from pipelines.shards import chunks, write_shard
 from pipelines.spec import DescribeSpec, ModelSpec
-from pipelines.stage import Stage
+from pipelines.stage import TaskStage
+from sdk.fileio import atomic_write_json
 
 _FENCE = re.compile(r"```.*?(```|$)", re.DOTALL)
 _LEAD = re.compile(r"^\s*(instruction|task)\s*:\s*", re.IGNORECASE)
+HEADLINE = ("documents_in", "instructions_out", "truncated_prompts", "resumed_from_cache")
 
 
 def clean_instruction(text: str) -> str:
@@ -54,33 +60,47 @@ def fit_code(generator: Generator, cfg: DescribeSpec, doc: dict[str, Any]) -> tu
     )
 
 
-class DescribeStage(Stage):
+class DescribeStage(TaskStage):
     name = "describe"
+    upstream = "curate"
 
     def first_model(self) -> ModelSpec | None:
         return self.spec.describe.model if self.spec.describe else None
 
-    def run(self) -> dict[str, Any]:
-        cfg = self.spec.describe
-        assert cfg is not None
-        docs = list(read_shards(stage_shards(self.layout.stage_dir("curate"))))
-        if not docs:
-            raise RunError(f"describe: no curated documents in {self.layout.stage_dir('curate') / 'output'}")
-        generator = open_generator(cfg.model)
+    def run_task(self, rank: int, world_size: int) -> None:
+        generator: Generator | None = None
         try:
-            requests, meta = [], {}
-            truncated = 0
-            for doc in docs:
-                ids, source_tokens, cut = fit_code(generator, cfg, doc)
-                truncated += cut
-                requests.append(Request(str(doc["id"]), ids))
-                meta[str(doc["id"])] = (doc, source_tokens, cut)
-            cache = RequestCache(self.outdir / "cache" / "requests.jsonl")
-            cached = len(cache.load())
-            results = generator.run(requests, cfg.sampling, cache, desc=f"describe ({generator.label})")
+            for shard in self.inputs()[rank::world_size]:
+                if self.done_marker(shard).is_file():
+                    continue
+                figures: Counter[str] = Counter()
+                for unit, docs in chunks(shard, self.cfg.chunk_size):
+                    stats = self.outdir / "stats" / f"{unit}.json"
+                    if not stats.is_file():  # written after the chunk's output: the chunk is done
+                        generator = generator or open_generator(self.cfg.model)
+                        atomic_write_json(stats, self._describe_chunk(generator, unit, docs))
+                    figures.update(json.loads(stats.read_text()))
+                atomic_write_json(self.done_marker(shard), dict(figures))
         finally:
-            leave_idle(generator)  # generate's strong model may be the same spec
+            if generator is not None:
+                leave_idle(generator)  # generate's strong model may be the same spec
 
+    @property
+    def cfg(self) -> DescribeSpec:
+        assert self.spec.describe is not None
+        return self.spec.describe
+
+    def _describe_chunk(self, generator: Generator, unit: str, docs: list[dict[str, Any]]) -> dict[str, int]:
+        """Instructions for one chunk of documents, written to output/<unit>.jsonl.gz; returns its figures."""
+        cfg = self.cfg
+        requests, meta = [], {}
+        for doc in docs:
+            ids, source_tokens, cut = fit_code(generator, cfg, doc)
+            requests.append(Request(str(doc["id"]), ids))
+            meta[str(doc["id"])] = (doc, source_tokens, cut)
+        cache = RequestCache(self.outdir / "cache" / f"{unit}.jsonl")
+        cached = len(cache.load())
+        results = generator.run(requests, cfg.sampling, cache, desc=f"describe {unit} ({generator.label})")
         kept, drops = [], Counter()
         for request in requests:
             doc, source_tokens, cut = meta[request.rid]
@@ -103,14 +123,20 @@ class DescribeStage(Stage):
                     "finish_reason": sample["finish_reason"],
                 }
             )
-        if not kept:
-            table = ", ".join(f"{k}={v}" for k, v in drops.most_common())
-            raise RunError(f"describe: every instruction was dropped ({table}); check describe.model and template")
-        write_parts(self.outdir / "output", kept, cfg.chunk_size)
+        write_shard(self.outdir / "output" / f"{unit}.jsonl.gz", kept)
         return {
             "documents_in": len(docs),
             "instructions_out": len(kept),
-            "truncated_prompts": truncated,
+            "truncated_prompts": sum(m[2] for m in meta.values()),
             "resumed_from_cache": cached,
             **{f"dropped_{k}": v for k, v in sorted(drops.items())},
         }
+
+    def summarize(self, totals: dict[str, Any]) -> dict[str, Any]:
+        if not totals.get("documents_in"):
+            raise RunError(f"describe: no curated documents in {self.layout.stage_dir('curate') / 'output'}")
+        if not totals.get("instructions_out"):
+            drops = {k.removeprefix("dropped_"): v for k, v in totals.items() if k.startswith("dropped_")}
+            table = ", ".join(f"{k}={v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1]))
+            raise RunError(f"describe: every instruction was dropped ({table}); check describe.model and template")
+        return {k: totals.get(k, 0) for k in HEADLINE} | dict(sorted(totals.items()))

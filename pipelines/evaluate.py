@@ -57,7 +57,8 @@ class EvaluateStage(Stage):
 
         if bon is not None:
             scores = self._scores(rm, model_path, problems, replies)
-            results["humaneval"] = {
+            # `benchmark` names the result key, the plot and the headline keys (HumanEval is the only one today).
+            results[bon.benchmark] = {
                 "generator": bon.generator.model_dump(mode="json"),
                 "sandbox": {**bon.sandbox.model_dump(), "layers": sandbox.layers()},
                 **humaneval_bon(
@@ -71,9 +72,9 @@ class EvaluateStage(Stage):
                     scores=scores,
                 ),
             }
-            curve = results["humaneval"]["curve"]
-            plot_bon(curve, self.outdir / "bon_humaneval.png", "HumanEval best-of-N")
-            summary |= _headline("humaneval", curve)
+            curve = results[bon.benchmark]["curve"]
+            plot_bon(curve, self.outdir / f"bon_{bon.benchmark}.png", "HumanEval best-of-N")
+            summary |= _headline(bon.benchmark, curve)
         if cfg.math_data is not None:
             draws = bon.draws if bon is not None else MATH_DRAWS
             results["math"] = {"data": cfg.math_data, **evaluate_math(cfg.math_data, rm, draws=draws)}

@@ -1,21 +1,26 @@
 """`generate`: a strong model (chosen) and a weak model (rejected) each implement every instruction.
 
-Reads `WORKDIR/describe/output/*.jsonl.gz`; writes `WORKDIR/generate/output/part-NNNNN.jsonl.gz` in the
+Reads `WORKDIR/describe/output/<shard>.jsonl.gz`; writes `WORKDIR/generate/output/<shard>-<chunk>.jsonl.gz` in the
 contract the `pairs` stage reads: `{id, instruction, prompt, language, repo, path, source_tokens,
-strong: {model, samples: [{text, finish_reason, tokens}]}, weak: {...}}`. The models run one after
-the other (one in memory at a time); each has its own request cache, so a crash in the weak model's
-run keeps every strong reply.
+strong: {model, samples: [{text, finish_reason, tokens}]}, weak: {...}}`. Runs as datatrove tasks on
+`generate.executor` (else the top-level executor), each taking whole describe shards. In a task the models run
+one after the other (one in memory at a time), chunk by chunk of `chunk_size` instructions; each role has its
+own request cache per chunk (`cache/<role>/<shard>-<chunk>.jsonl`), so a crash in the weak model's run keeps
+every strong reply, and a chunk's output is written only once both roles finished it.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any
 
-from pipelines.engine import Request, RequestCache, leave_idle, model_label, open_generator
+from pipelines.engine import Generator, Request, RequestCache, leave_idle, model_label, open_generator
 from pipelines.errors import RunError
-from pipelines.shards import read_shards, stage_shards, write_parts
-from pipelines.spec import ModelSpec
-from pipelines.stage import Stage
+from pipelines.shards import chunks, write_shard
+from pipelines.spec import GenerateSpec, GeneratorSpec, ModelSpec
+from pipelines.stage import TaskStage
+from sdk.fileio import atomic_write_json
 
 # Markdown fence tags for languages whose name is not its usual tag.
 FENCE_TAGS = {"c++": "cpp", "c#": "csharp", "shell": "bash", "objective-c": "objectivec"}
@@ -28,49 +33,87 @@ def generation_prompt(template: str, record: dict[str, Any]) -> str:
     )
 
 
-class GenerateStage(Stage):
+class GenerateStage(TaskStage):
     name = "generate"
+    upstream = "describe"
 
     def first_model(self) -> ModelSpec | None:
         return self.spec.generate.strong.model if self.spec.generate else None
 
-    def run(self) -> dict[str, Any]:
-        cfg = self.spec.generate
-        assert cfg is not None
-        records = list(read_shards(stage_shards(self.layout.stage_dir("describe"))))
-        if not records:
-            raise RunError(f"generate: no instructions in {self.layout.stage_dir('describe') / 'output'}")
-        by_id = {str(r["id"]): r for r in records}
-        prompts = {rid: generation_prompt(cfg.template, r) for rid, r in by_id.items()}
-        replies: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        summary: dict[str, Any] = {"instructions_in": len(records)}
-        for role, gen in (("strong", cfg.strong), ("weak", cfg.weak)):
-            cache = RequestCache(self.outdir / "cache" / f"{role}.jsonl")
-            summary[f"{role}_resumed_from_cache"] = len(cache.load())
-            generator = open_generator(gen.model)  # the describer's engine when it is the same spec
+    @property
+    def cfg(self) -> GenerateSpec:
+        assert self.spec.generate is not None
+        return self.spec.generate
+
+    def run_task(self, rank: int, world_size: int) -> None:
+        """Strong replies for every unfinished chunk of this task, then weak ones, then each chunk's output:
+        one engine at a time, each loaded once per task."""
+        shards = [s for s in self.inputs()[rank::world_size] if not self.done_marker(s).is_file()]
+        for role, gen in (("strong", self.cfg.strong), ("weak", self.cfg.weak)):
+            generator: Generator | None = None
             try:
-                budget = generator.max_model_len - gen.sampling.max_new_tokens
-                requests, cut = [], 0
-                for rid, record in by_id.items():
-                    ids, _, truncated = generator.fit(
-                        lambda text, r=record: generation_prompt(cfg.template, {**r, "instruction": text}),
-                        record["instruction"], budget, cfg.use_chat_template,
-                    )  # fmt: skip
-                    requests.append(Request(rid, ids))
-                    cut += truncated
-                replies[role] = generator.run(requests, gen.sampling, cache, desc=f"{role} ({generator.label})")
+                for shard in shards:
+                    for unit, records in chunks(shard, self.cfg.chunk_size):
+                        figures = self.outdir / "cache" / role / f"{unit}.json"
+                        if figures.is_file() or (self.outdir / "stats" / f"{unit}.json").is_file():
+                            continue
+                        generator = generator or open_generator(gen.model)  # the describer's engine when it is the same
+                        atomic_write_json(figures, self._reply(generator, role, gen, unit, records))
             finally:
-                leave_idle(generator)
-            summary[f"{role}_truncated_prompts"] = cut
-            summary[f"{role}_tokens"] = sum(s["tokens"] for samples in replies[role].values() for s in samples)
+                if generator is not None:
+                    leave_idle(generator)
+        for shard in shards:
+            totals: Counter[str] = Counter()
+            for unit, records in chunks(shard, self.cfg.chunk_size):
+                stats = self.outdir / "stats" / f"{unit}.json"
+                if not stats.is_file():  # written after the chunk's output: the chunk is done
+                    atomic_write_json(stats, self._merge(unit, records))
+                totals.update(json.loads(stats.read_text()))
+            atomic_write_json(self.done_marker(shard), dict(totals))
+
+    def _reply(
+        self, generator: Generator, role: str, gen: GeneratorSpec, unit: str, records: list[dict[str, Any]]
+    ) -> dict[str, int]:
+        """`role`'s replies to one chunk into its request cache; returns the chunk's figures for that role."""
+        budget = generator.max_model_len - gen.sampling.max_new_tokens
+        requests, cut = [], 0
+        for record in records:
+            ids, _, truncated = generator.fit(
+                lambda text, r=record: generation_prompt(self.cfg.template, {**r, "instruction": text}),
+                record["instruction"], budget, self.cfg.use_chat_template,
+            )  # fmt: skip
+            requests.append(Request(str(record["id"]), ids))
+            cut += truncated
+        cache = RequestCache(self.outdir / "cache" / role / f"{unit}.jsonl")
+        cached = len(cache.load())
+        replies = generator.run(requests, gen.sampling, cache, desc=f"{role} {unit} ({generator.label})")
+        return {
+            f"{role}_resumed_from_cache": cached,
+            f"{role}_truncated_prompts": cut,
+            f"{role}_tokens": sum(s["tokens"] for samples in replies.values() for s in samples),
+        }
+
+    def _merge(self, unit: str, records: list[dict[str, Any]]) -> dict[str, int]:
+        """One chunk's output rows (instruction, prompt, both roles' samples); returns the chunk's figures."""
+        cfg, figures = self.cfg, Counter({"instructions_in": len(records), "records_out": len(records)})
+        replies = {}
+        for role in ("strong", "weak"):
+            replies[role] = RequestCache(self.outdir / "cache" / role / f"{unit}.jsonl").load()
+            figures.update(json.loads((self.outdir / "cache" / role / f"{unit}.json").read_text()))
         out = []
         for record in records:
             rid = str(record["id"])
             row = {k: record.get(k) for k in ("id", "instruction", "language", "repo", "path", "source_tokens")}
-            row["prompt"] = prompts[rid]
+            row["prompt"] = generation_prompt(cfg.template, record)
             for role, gen in (("strong", cfg.strong), ("weak", cfg.weak)):
+                if rid not in replies[role]:
+                    raise RunError(f"generate: the {role} cache of chunk {unit} lacks request {rid}; rerun to redo it")
                 row[role] = {"model": model_label(gen.model), "samples": replies[role][rid]}
             out.append(row)
-        write_parts(self.outdir / "output", out, cfg.chunk_size)
-        summary["records_out"] = len(out)
-        return summary
+        write_shard(self.outdir / "output" / f"{unit}.jsonl.gz", out)
+        return dict(figures)
+
+    def summarize(self, totals: dict[str, Any]) -> dict[str, Any]:
+        if not totals.get("instructions_in"):
+            raise RunError(f"generate: no instructions in {self.layout.stage_dir('describe') / 'output'}")
+        return dict(sorted(totals.items()))

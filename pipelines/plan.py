@@ -6,6 +6,8 @@ user can see what a number rests on. Local sources are counted on disk; hub sour
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +15,16 @@ from typing import Any
 
 from pipelines.languages import count_source_files
 from pipelines.models import BUNDLED
-from pipelines.spec import GeneratorSpec, ModelSpec, PruneSpec, SamplingSpec, Spec
+from pipelines.spec import (
+    GeneratorSpec,
+    LocalExecutor,
+    ModelSpec,
+    PruneSpec,
+    RayExecutor,
+    SamplingSpec,
+    SlurmExecutor,
+    Spec,
+)
 from pipelines.stage import RunLayout
 
 # Stated assumptions (each printed by `plan`). GPU figures are for one H100 80GB in bf16.
@@ -31,6 +42,8 @@ CPU_BF16_FLOPS = 188e9  # measured here: 2 threads, AVX-512 BF16
 CPU_MFU = 0.3
 CURATE_MB_PER_CORE_S = 2.0  # datatrove read + filters + hashing, per CPU core
 HUMANEVAL_PROBLEMS = 164
+CPU_HERE_CORES = 2  # the machine the CPU figures were measured on
+GPU_SIZED_B = 1.0  # a generation model above this size (or in bf16) is meant for GPUs
 
 ASSUMPTIONS = {
     "bytes_per_token": BYTES_PER_TOKEN,
@@ -46,6 +59,10 @@ ASSUMPTIONS = {
     ),
     "humaneval_exec_pairs": "problems x max_pairs_per_problem (an upper bound: some problems get fewer)",
     "training_flops": "6 x params x tokens (upper bound when only some layers train)",
+    "wall_clock": (
+        "work / GPUs (or cores) busy at once; generation tasks take whole input shards; "
+        "training and evaluate one process; stages in sequence"
+    ),
 }
 
 # Sizes of registry models (billions of parameters); hub ids carry their size in the name.
@@ -64,6 +81,8 @@ class StagePlan:
     train_tokens: int = 0
     gpu_hours: float = 0.0
     cpu_hours: float = 0.0
+    wall_hours: float = 0.0  # elapsed time on the stage's executor (see `_wall_clock`)
+    wall_basis: str = ""  # what the wall clock divides the work by, as printed
     notes: list[str] = field(default_factory=list)
 
 
@@ -145,6 +164,7 @@ def build_plan(spec: Spec, workdir: Path) -> list[StagePlan]:
     instr_tokens = 0.0
     response_tokens = 0.0
     train_pairs = heldout_pairs = 0.0
+    shards_in: dict[str, int] = {}  # input shards of each task stage: the most tasks that find work
     for stage in spec.declared_stages():
         out = str(layout.stage_dir(stage))
         if stage == "curate":
@@ -175,6 +195,7 @@ def build_plan(spec: Spec, workdir: Path) -> list[StagePlan]:
                     cpu_hours=nbytes / 1e6 / CURATE_MB_PER_CORE_S / 3600,
                 )
             )
+            shards_in["describe"] = spec.executor.tasks  # one output shard per curate task
         elif stage == "describe":
             cfg = spec.describe
             assert cfg is not None
@@ -194,6 +215,9 @@ def build_plan(spec: Spec, workdir: Path) -> list[StagePlan]:
                     cpu_hours=cpu,
                 )
             )
+            if "describe" in shards_in:  # a part per chunk_size documents of each curate shard
+                per_shard = docs / shards_in["describe"]
+                shards_in["generate"] = shards_in["describe"] * max(1, math.ceil(per_shard / cfg.chunk_size))
             docs *= DESCRIBE_KEEP
         elif stage == "generate":
             cfg = spec.generate
@@ -289,7 +313,89 @@ def build_plan(spec: Spec, workdir: Path) -> list[StagePlan]:
                 plan.input_tokens, plan.generated_tokens = int(pt), int(nt)
                 plan.gpu_hours, plan.cpu_hours = gpu, cpu
             plans.append(plan)
+    for plan in plans:
+        _wall_clock(spec, plan, shards_in.get(plan.stage))
     return plans
+
+
+def _workers(ex: LocalExecutor | SlurmExecutor | RayExecutor) -> int:
+    return ex.workers if ex.workers > 0 else ex.tasks
+
+
+def _stage_models(spec: Spec, stage: str) -> list[ModelSpec]:
+    """The models a task stage's engines serve (one engine per task, one model at a time)."""
+    if stage == "describe" and spec.describe:
+        return [spec.describe.model]
+    if stage == "generate" and spec.generate:
+        return [spec.generate.strong.model, spec.generate.weak.model]
+    return []
+
+
+def _wall_clock(spec: Spec, plan: StagePlan, shards: int | None) -> None:
+    """Turn a stage's work into elapsed hours on its executor, and note resources that would sit idle.
+
+    GPU-hours alone hide whether a run takes a day or a month: that depends on how many GPUs (or cores) the
+    stage keeps busy at once, which the executor's tasks/workers and the number of input shards bound.
+    """
+    stage = plan.stage
+    if stage == "curate":
+        ex = spec.executor
+        if isinstance(ex, LocalExecutor):  # processes on this machine share its cores
+            cores = min(ex.tasks, _workers(ex), os.cpu_count() or 1)
+            plan.wall_basis = f"{cores} core(s) here"
+        else:
+            cores = min(ex.tasks, _workers(ex)) * ex.cpus_per_task
+            plan.wall_basis = f"{min(ex.tasks, _workers(ex)):,} tasks at once x {ex.cpus_per_task} core(s) each"
+        plan.wall_hours = plan.cpu_hours / cores
+    elif stage in ("describe", "generate"):
+        _task_stage_wall(spec, plan, shards)
+    elif stage == "pairs":
+        plan.wall_basis = "one process here, CPU checks (not estimated)"
+    elif stage in ("pretrain", "finetune", "evaluate"):
+        if isinstance(spec.executor, LocalExecutor):  # runs where `codepmp run` runs, like local generation
+            plan.wall_hours, plan.wall_basis = plan.cpu_hours, "one process here (CPU figure)"
+        else:
+            plan.wall_hours, plan.wall_basis = plan.gpu_hours, "one process on one GPU"
+            if plan.gpu_hours:
+                plan.notes.append("runs on one GPU: multi-GPU launch comes with issue 15")
+
+
+def _task_stage_wall(spec: Spec, plan: StagePlan, shards: int | None) -> None:
+    """describe/generate: tasks take whole input shards, so at most `shards` tasks (and their GPUs) work."""
+    stage = plan.stage
+    ex = spec.stage_executor(stage)
+    where = f"{stage}.executor" if getattr(getattr(spec, stage), "executor", None) is not None else "executor"
+    busy = min(ex.tasks, _workers(ex), shards or ex.tasks)
+    if shards is not None and ex.tasks > shards:
+        upstream = "curate shards" if stage == "describe" else "describe parts"
+        fix = "raise executor.tasks (curate)" if stage == "describe" else "lower describe.chunk_size"
+        plan.notes.append(
+            f"warning: {ex.tasks - shards:,} of {ex.tasks:,} tasks would sit idle: {stage} splits by {upstream} "
+            f"({'~' if stage == 'generate' else ''}{shards:,}); {fix} or lower {where}.tasks"
+        )
+    models = _stage_models(spec, stage)
+    gpus = 0.0 if isinstance(ex, LocalExecutor) else float(ex.gpus_per_task)
+    if gpus:
+        widest = max(m.tensor_parallel_size for m in models)
+        used = min(gpus, widest)
+        if gpus > widest:
+            plan.notes.append(
+                f"warning: {where}.gpus_per_task ({gpus:g}) exceeds the largest model's tensor_parallel_size "
+                f"({widest}): {gpus - widest:g} GPU(s) per task would sit idle"
+            )
+        plan.wall_hours = plan.gpu_hours / (busy * used)
+        plan.wall_basis = f"{busy:,} tasks at once x {used:g} GPU(s) each"
+    elif isinstance(ex, LocalExecutor):  # tasks on one machine share its cores: the figure measured here
+        plan.wall_hours, plan.wall_basis = plan.cpu_hours, "this machine (CPU figure)"
+    else:  # CPU nodes: the 2-core figure scaled to the cores busy at once
+        plan.wall_hours = plan.cpu_hours * CPU_HERE_CORES / (busy * ex.cpus_per_task)
+        plan.wall_basis = f"{busy:,} tasks at once x {ex.cpus_per_task} core(s) each, no GPUs"
+        big = [m.name for m in models if (model_size_b(m) or 0) > GPU_SIZED_B or m.dtype == "bfloat16"]
+        if big:
+            plan.notes.append(
+                f"warning: {', '.join(dict.fromkeys(big))} would run on CPUs ({where} has no GPUs); "
+                f"set {stage}.executor with gpus_per_task >= 1 (GPU nodes)"
+            )
 
 
 def _enabled_filters(spec: Spec) -> int:
@@ -305,7 +411,7 @@ def _model_str(model: ModelSpec | str, size: float | None) -> str:
 
 
 def totals(plans: list[StagePlan]) -> dict[str, float]:
-    keys = ("input_tokens", "generated_tokens", "train_tokens", "gpu_hours", "cpu_hours")
+    keys = ("input_tokens", "generated_tokens", "train_tokens", "gpu_hours", "cpu_hours", "wall_hours")
     return {k: sum(getattr(p, k) for p in plans) for k in keys}
 
 
@@ -343,6 +449,7 @@ def render_plan(spec: Spec, workdir: Path, plans: list[StagePlan]) -> str:
                 figures.append(f"{_si(getattr(p, key))} {label}")
         figures.append(f"{p.gpu_hours:,.2f} GPU-h, {p.cpu_hours:,.2f} CPU-h here")
         lines.append("     est.   " + "; ".join(figures))
+        lines.append(f"     wall   {_duration(p.wall_hours)}" + (f": {p.wall_basis}" if p.wall_basis else ""))
         lines += [f"     note   {n}" for n in p.notes]
     t = totals(plans)
     lines += [
@@ -350,9 +457,19 @@ def render_plan(spec: Spec, workdir: Path, plans: list[StagePlan]) -> str:
         f"total: {_si(t['input_tokens'])} input tokens, {_si(t['generated_tokens'])} generated tokens, "
         f"{_si(t['train_tokens'])} training tokens",
         f"       ~{t['gpu_hours']:,.1f} GPU-hours (H100) or ~{t['cpu_hours']:,.2f} hours on this 2-core CPU",
+        f"       wall clock {_duration(t['wall_hours'])}, stages one after another",
         "assumptions: " + "; ".join(f"{k}={v}" for k, v in ASSUMPTIONS.items()),
     ]
     return "\n".join(lines)
+
+
+def _duration(hours: float) -> str:
+    """Hours as a person reads them: minutes when short, days too when long."""
+    if hours * 60 < 1:
+        return "<1 min"
+    if hours < 1:
+        return f"~{hours * 60:,.0f} min"
+    return f"~{hours:,.1f} h" + (f" = {hours / 24:,.1f} days" if hours >= 48 else "")
 
 
 def _si(n: float) -> str:

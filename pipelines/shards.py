@@ -44,20 +44,34 @@ def read_shards(files: Iterable[Path]) -> Iterator[dict[str, Any]]:
 
 
 def write_shard(path: Path, records: Iterable[dict[str, Any]]) -> int:
-    """Write a gzip JSON-lines shard via a temp file and rename: readers never see half a shard."""
+    """Write a gzip JSON-lines shard via a temp file and rename: readers never see half a shard.
+
+    No timestamp and no file name in the gzip header (it would carry the random temp name): the same records
+    give the same bytes, so runs can be compared byte for byte.
+    """
     count = 0
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as handle,
+    ):
         for record in records:
             handle.write((json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode())
             count += 1
     return count
 
 
-def write_parts(outdir: Path, records: list[dict[str, Any]], per_part: int) -> list[Path]:
-    """Output in fixed-size parts (part-00000.jsonl.gz, ...), each written atomically."""
-    paths = []
-    for index, start in enumerate(range(0, max(len(records), 1), per_part)):
-        path = outdir / f"part-{index:05d}.jsonl.gz"
-        write_shard(path, records[start : start + per_part])
-        paths.append(path)
-    return paths
+def chunks(path: Path, size: int) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A shard's records in chunks of `size`, each named `<shard>-<chunk>`: a generation task's unit of work.
+
+    Only one chunk is in memory at a time, whatever the shard's size. An empty shard has no chunk.
+    """
+    stem, chunk = path.name.removesuffix(".jsonl.gz"), []
+    index = 0
+    for record in read_shards([path]):
+        chunk.append(record)
+        if len(chunk) == size:
+            yield f"{stem}-{index:05d}", chunk
+            chunk, index = [], index + 1
+    if chunk:
+        yield f"{stem}-{index:05d}", chunk

@@ -30,6 +30,7 @@ from pipelines.errors import SpecError
 from sdk.config import StrictModel, TrainConfig
 
 STAGES: tuple[str, ...] = ("curate", "describe", "generate", "pairs", "pretrain", "finetune", "evaluate")
+TASK_STAGES: tuple[str, ...] = ("describe", "generate")  # generation stages with their own `executor` override
 
 # Sentinel source path meaning "the running Python's standard library" (real code on every machine).
 STDLIB = "stdlib"
@@ -78,6 +79,10 @@ ModelName = Annotated[str, Field(min_length=1), AfterValidator(_resolve_model_na
 # Upper bounds on counts and lengths: a typo (10^20 tasks, a 10^9-token reply) is an error, not a hang.
 MAX_TASKS = 100_000  # datatrove tasks of one stage; ~280 files per task at the paper's 28M
 MAX_TOKENS = 1 << 20
+MAX_CHUNK = 1 << 20  # records a generation task holds at once: its memory bound
+STAGE_EXECUTOR_DOC = (
+    "Where this stage's tasks run (e.g. GPU nodes: kind slurm with gpus_per_task); null = the top-level executor."
+)
 
 
 class _ExecutorBase(StrictModel):
@@ -339,8 +344,9 @@ class ModelSpec(StrictModel):
     max_model_len: int | None = Field(
         None, gt=0, le=MAX_TOKENS, description="Context length in tokens; null = model's own."
     )
-    tensor_parallel_size: int = Field(1, gt=0, le=64)
-    data_parallel_size: int = Field(1, gt=0, le=64)
+    tensor_parallel_size: int = Field(
+        1, gt=0, le=64, description="GPUs one vLLM engine spans; data parallelism is the stage's executor tasks."
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     cpu_kvcache_gib: float = Field(4, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = Field(
@@ -389,7 +395,10 @@ class DescribeSpec(StrictModel):
         2048, gt=0, le=MAX_TOKENS, description="Prompt budget; longer files keep their head, cut at a line break."
     )
     min_instruction_chars: int = Field(20, ge=0, description="Shorter instructions are dropped as degenerate.")
-    chunk_size: int = Field(256, gt=0, description="Documents per checkpointed chunk.")
+    chunk_size: int = Field(
+        256, gt=0, le=MAX_CHUNK, description="Documents a task has in flight; each chunk's output is written when done."
+    )
+    executor: Executor | None = Field(None, description=STAGE_EXECUTOR_DOC)
 
     @model_validator(mode="after")
     def _template_fields(self):
@@ -416,7 +425,13 @@ class GenerateSpec(StrictModel):
     template: str = Field(GENERATE_TEMPLATE, description="Placeholders: {instruction}, {language}, {language_tag}.")
     use_chat_template: bool = True
     allow_same_model: bool = Field(False, description="Allow strong == weak (then sampling must differ).")
-    chunk_size: int = Field(256, gt=0, description="Prompts per checkpointed chunk.")
+    chunk_size: int = Field(
+        256,
+        gt=0,
+        le=MAX_CHUNK,
+        description="Instructions a task has in flight; each chunk's output is written when done.",
+    )
+    executor: Executor | None = Field(None, description=STAGE_EXECUTOR_DOC)
 
     @model_validator(mode="after")
     def _distinct_models(self):
@@ -595,6 +610,25 @@ class Spec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _engines_fit_tasks(self):
+        """One vLLM engine per task: a model's tensor-parallel GPUs must be GPUs the task was given."""
+        for stage in TASK_STAGES:
+            section = getattr(self, stage)
+            if section is None:
+                continue
+            gpus = getattr(self.stage_executor(stage), "gpus_per_task", 0)
+            models = {"model": section.model} if stage == "describe" else {
+                "strong.model": section.strong.model, "weak.model": section.weak.model
+            }  # fmt: skip
+            for where, model in models.items():
+                if gpus and model.tensor_parallel_size > gpus:
+                    raise ValueError(
+                        f"{stage}.{where}.tensor_parallel_size ({model.tensor_parallel_size}) exceeds the "
+                        f"{gpus} GPU(s) per task of its executor: one vLLM engine runs in each task"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _finetune_problems_held_out(self):
         """Finetuning takes HumanEval problems from the end, Best-of-N from the start: they must not meet."""
         built = self.finetune.humaneval_exec if self.finetune else None
@@ -628,9 +662,23 @@ class Spec(StrictModel):
         return needs
 
     def stage_sections(self, stage: str) -> dict[str, Any]:
-        """The sections a stage reads: the only input of its skip-if-done hash."""
+        """The sections a stage reads: the only input of its skip-if-done hash.
+
+        A generation stage's own `executor` is left out: its outputs do not depend on where or in how many
+        tasks it ran (per-request seeds, a split by input shard, output named after the input), so moving it
+        to another cluster or task count resumes its finished work instead of discarding it.
+        """
         names = ("source", "filters", "dedup", "executor") if stage == "curate" else (stage,)
-        return {n: _dump(getattr(self, n)) for n in names}
+        sections = {n: _dump(getattr(self, n)) for n in names}
+        if stage in TASK_STAGES and sections[stage] is not None:
+            sections[stage].pop("executor", None)
+        return sections
+
+    def stage_executor(self, stage: str) -> LocalExecutor | SlurmExecutor | RayExecutor:
+        """The executor `stage`'s tasks run on: its own override, else the top-level one."""
+        section = getattr(self, stage, None) if stage in TASK_STAGES else None
+        own = getattr(section, "executor", None)
+        return own if own is not None else self.executor
 
     def declared_stages(self) -> list[str]:
         """Stages this spec asks for, in pipeline order."""

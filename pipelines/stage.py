@@ -7,6 +7,7 @@ continues from what is there instead of redoing finished work.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,3 +80,56 @@ def claim_dir(root: Path, label: str, marker: str = MARKER) -> None:
         atomic_write_json(root / marker, {"by": "codepmp run", "for": label})
     except OSError as exc:
         raise SpecError(f"{label} {root}: cannot write there ({exc.strerror or exc})") from None
+
+
+class TaskStage(Stage):
+    """A stage whose work is split into datatrove tasks, each taking whole input shards (shard i goes to task
+    i mod tasks): a stable split that keeps every output named after its input, so the output is the same
+    whatever the number of tasks. The driver (`run`) starts the tasks on the stage's executor, checks that every
+    input shard was finished, and sums the figures the tasks left in `done/<shard>.json`.
+    """
+
+    upstream: ClassVar[str]
+
+    def inputs(self) -> list[Path]:
+        """The upstream stage's output shards, in name order."""
+        return sorted((self.layout.stage_dir(self.upstream) / "output").glob("*.jsonl.gz"))
+
+    def done_marker(self, shard: Path) -> Path:
+        return self.outdir / "done" / (shard.name.removesuffix(".jsonl.gz") + ".json")
+
+    @abstractmethod
+    def run_task(self, rank: int, world_size: int) -> None:
+        """Do (or resume) the unfinished input shards `inputs()[rank::world_size]`, each ending in its marker."""
+
+    def run(self) -> dict[str, Any]:
+        from pipelines.errors import RunError
+        from pipelines.tasks import StageTask, logging_root, make_executor, run_executors
+
+        inputs = self.inputs()
+        if not inputs:
+            raise RunError(f"{self.name}: no input shards in {self.layout.stage_dir(self.upstream) / 'output'}")
+        ex = self.spec.stage_executor(self.name)
+        fresh = not any(p.name != "_stage.json" for p in self.outdir.iterdir())
+        logs = logging_root(self.spec, self.name, self.outdir, fresh) / f"{ex.tasks}-tasks"  # completions per split
+        task = StageTask(type(self), self.spec, self.layout.root)
+        executor = make_executor(ex, [task], ex.tasks, logs, f"{self.spec.name}-{self.name}")
+        run_executors(ex, self.name, [self.name], [executor], self.echo)
+        unfinished = [p.name for p in inputs if not self.done_marker(p).is_file()]
+        if unfinished:
+            raise RunError(
+                f"{self.name}: every task finished but {len(unfinished)} input shard(s) were not done "
+                f"({', '.join(unfinished[:5])}); task logs in {logs}"
+            )
+        totals: dict[str, Any] = {}
+        for shard in inputs:
+            for key, value in json.loads(self.done_marker(shard).read_text()).items():
+                totals[key] = totals.get(key, 0) + value
+        return self.summarize(totals)
+
+    def summarize(self, totals: dict[str, Any]) -> dict[str, Any]:
+        """The stage's summary from the figures summed over its input shards (checks, derived figures)."""
+        return totals
+
+    def echo(self, message: str) -> None:
+        print(message, flush=True)

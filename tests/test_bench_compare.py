@@ -54,6 +54,20 @@ def test_a_missing_measurement_fails(tmp_path: Path, capsys) -> None:
     assert "is missing" in capsys.readouterr().err
 
 
+def test_a_ceiling_fails_above_its_limit_and_passes_at_it(tmp_path: Path, capsys) -> None:
+    baseline = {"benchmarks": {"bench_m.py::test_m": {"ceilings": {"rss_ratio": {"ceiling": 1.2, "value": 1.0}}}}}
+    (tmp_path / "b.json").write_text(json.dumps(baseline))
+    for value, code in ((1.2, 0), (1.35, 1)):
+        res = {
+            "benchmarks": [
+                {"fullname": "b/bench_m.py::test_m", "extra_info": {"rss_ratio": value}, "stats": {"mean": 1}}
+            ]
+        }
+        (tmp_path / "r.json").write_text(json.dumps(res))
+        assert compare.main([str(tmp_path / "r.json"), "--baseline", str(tmp_path / "b.json")]) == code
+    assert "ceiling rss_ratio = 1.350 > 1.200" in capsys.readouterr().err
+
+
 def test_update_records_values_and_keeps_tolerances(tmp_path: Path) -> None:
     assert run(tmp_path, results(3.5, 0.8), "--update") == 0
     new = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
@@ -67,4 +81,4 @@ def test_the_committed_baseline_gates_every_benchmark_suite() -> None:
     gated_files = {name.split("::")[0] for name in baseline}
     suites = {p.name for p in compare.BASELINE.parent.glob("bench_*.py")}
     assert suites <= gated_files, f"not gated: {sorted(suites - gated_files)}"
-    assert all(g.get("ratios") or g.get("floors") for g in baseline.values())
+    assert all(g.get("ratios") or g.get("floors") or g.get("ceilings") for g in baseline.values())

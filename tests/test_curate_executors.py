@@ -15,8 +15,8 @@ import dill
 import pytest
 from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
 
-from pipelines.curate.pipeline import build_executors, build_steps
-from pipelines.curate.stage import CurateStage, curate_layout
+from pipelines.curate.pipeline import CurateLayout, build_executors, build_steps
+from pipelines.curate.stage import CurateStage
 from pipelines.errors import RunError, SpecError
 from pipelines.stage import RunLayout
 from tests.curate_utils import make_spec, run_curate
@@ -27,7 +27,7 @@ STEPS = ["filter", "exact_find", "exact_filter", "minhash_buckets", "minhash_clu
 
 def build(tmp_path: Path, executor: dict, **sections: object) -> tuple[list, list]:
     spec = make_spec(tmp_path, SOURCE, executor=executor, **sections)
-    layout = curate_layout(spec, tmp_path / "run" / "curate")
+    layout = CurateLayout(tmp_path / "run" / "curate", tmp_path / "run" / "curate" / "logs")
     steps = build_steps(spec, layout)
     return steps, build_executors(spec, steps, layout)
 

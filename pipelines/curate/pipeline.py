@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datatrove.data import Document, DocumentsPipeline
-from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import (
@@ -37,8 +36,8 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 
 from pipelines.curate import filters as code_filters
 from pipelines.curate.readers import CodeFileReader, LanguageAllowlist, TakeFirst, dataset_reader
-from pipelines.lifetime import dies_with_parent
-from pipelines.spec import LocalExecutor, LocalSource, RayExecutor, SlurmExecutor, Spec
+from pipelines.spec import LocalSource, Spec
+from pipelines.tasks import make_executor
 
 SHARD_NAME = "${rank}.jsonl.gz"
 # Shards handed from one step to the next are read once and deleted: gzip (level 9) would cost ~25% of the run.
@@ -267,38 +266,7 @@ def build_executors(spec: Spec, steps: list[Step], layout: CurateLayout) -> list
     executors: list[PipelineExecutor] = []
     for index, step in enumerate(steps):
         depends = executors[-1] if executors else None
-        executors.append(make_executor(spec, step, layout.logging_dir(index, step.name), depends))
+        logs = layout.logging_dir(index, step.name)
+        name = f"{spec.name}-curate-{step.name}"
+        executors.append(make_executor(spec.executor, step.pipeline, step.tasks, logs, name, depends))
     return executors
-
-
-def make_executor(spec: Spec, step: Step, logging_dir: Path, depends: PipelineExecutor | None) -> PipelineExecutor:
-    """A datatrove executor for `step` from `spec.executor` (its workers capped at the step's tasks)."""
-    ex = spec.executor
-    workers = step.tasks if ex.workers == -1 else min(ex.workers, step.tasks)
-    common = {"tasks": step.tasks, "workers": workers, "logging_dir": str(logging_dir), "depends": depends}
-    if isinstance(ex, LocalExecutor):
-        return LocalPipelineExecutor([dies_with_parent, *step.pipeline], **common)
-    if isinstance(ex, SlurmExecutor):
-        return SlurmPipelineExecutor(
-            step.pipeline,
-            **common,
-            time=ex.time,
-            partition=ex.partition,
-            cpus_per_task=ex.cpus_per_task,
-            mem_per_cpu_gb=ex.mem_per_cpu_gb,
-            gpus_per_task=ex.gpus_per_task,
-            qos=ex.qos,
-            job_name=f"{spec.name}-curate-{step.name}",
-            env_command=ex.env_command,
-            # datatrove writes f"{gb}G", and Slurm refuses a fractional size such as "3.0G": give it in MB
-            sbatch_args={"mem-per-cpu": f"{round(ex.mem_per_cpu_gb * 1024)}M", **ex.sbatch_args},
-            max_array_launch_parallel=ex.max_array_launch_parallel,
-        )
-    assert isinstance(ex, RayExecutor)
-    return RayPipelineExecutor(
-        step.pipeline,
-        **common,
-        cpus_per_task=ex.cpus_per_task,
-        mem_per_cpu_gb=ex.mem_per_cpu_gb,
-        gpus_per_task=ex.gpus_per_task,
-    )
