@@ -14,7 +14,7 @@ demo: setup
 
 # Benchmarks at ci_small size: each prints absolute times, but CI gates only on ratios measured side by
 # side in the same run, and on quality floors (benchmarks/baseline.json, benchmarks/compare.py).
-BENCH_CI := BENCH_ROUNDS=1 BENCH_CURATE_ROUNDS=3 BENCH_PROMPTS=8 BENCH_MAX_NEW=64 BENCH_STEPS=3
+BENCH_CI := BENCH_RSS_DOCS=4 BENCH_ROUNDS=1 BENCH_CURATE_ROUNDS=3 BENCH_PROMPTS=8 BENCH_MAX_NEW=64 BENCH_STEPS=3
 BENCH_JSON := runs/bench-ci.json
 
 # `pytest` exits 5 when it collected no test: that is a failure too.
