@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,22 @@ def cli() -> None:
 
     Start with `codepmp plan specs/local_demo.yaml`, then `codepmp run specs/local_demo.yaml`.
     """
+    show_progress()
+
+
+def show_progress() -> None:
+    """Print the `pipelines` logger's INFO messages (stage progress) as plain lines on stdout.
+
+    The library only logs; the command decides where it goes. Not propagated, so a root handler some
+    dependency installs cannot print every line twice.
+    """
+    logger = logging.getLogger("pipelines")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 @cli.command()
@@ -106,7 +123,7 @@ def run(
     from pipelines.runner import resolve_workdir, run_spec
 
     loaded = load_spec(spec, overrides)
-    run_spec(loaded, resolve_workdir(loaded, workdir), only=only, until=until, force=force, echo=click.echo)
+    run_spec(loaded, resolve_workdir(loaded, workdir), only=only, until=until, force=force)
 
 
 def main() -> None:

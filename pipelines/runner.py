@@ -12,10 +12,11 @@ import fcntl
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ STAGE_IMPLS: dict[str, str] = {
 
 RECORD = "_stage.json"
 LOCK = ".lock"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ _LOCKED: set[Path] = set()  # POSIX locks do not exclude the owning process from
 
 
 @contextmanager
-def workdir_lock(root: Path, echo: Callable[[str], None] = print) -> Iterator[None]:
+def workdir_lock(root: Path) -> Iterator[None]:
     """One `codepmp run` per workdir at a time: two would corrupt each other's resume state.
 
     A POSIX record lock, not flock: it belongs to this process alone, so worker processes forked from it
@@ -220,7 +223,7 @@ def workdir_lock(root: Path, echo: Callable[[str], None] = print) -> Iterator[No
                 f"another codepmp run{owner} is using {root}; wait for it or pick another --workdir"
             ) from None
         if previous.isdigit() and int(previous) != os.getpid():
-            echo(f"note: taking over the lock of an earlier run (pid {previous}) that is gone")
+            log.info(f"note: taking over the lock of an earlier run (pid {previous}) that is gone")
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -242,9 +245,11 @@ def run_spec(
     only: str | None = None,
     until: str | None = None,
     force: bool = False,
-    echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run the selected stages in order; returns one result dict per stage.
+
+    Progress goes to the `pipelines` logger (INFO): the CLI prints it; a library caller configures or
+    silences it like any other logger.
 
     Stages this version does not have yet: the ones before the first such stage still run (a user gets
     what exists), then the run stops with a RunError naming it; if the first stage is missing, nothing runs.
@@ -261,42 +266,42 @@ def run_spec(
     if not classes:
         raise missing or RunError("no stage selected")
     if missing is not None:
-        echo(f"note: {missing}; running the {len(classes)} stage(s) before it")
+        log.info(f"note: {missing}; running the {len(classes)} stage(s) before it")
         selected = list(classes)
     layout = RunLayout(workdir)
     prints = fingerprints(spec)
     results = []
     claim_workdir(workdir)
-    with workdir_lock(workdir, echo), RunProcesses():
+    with workdir_lock(workdir), RunProcesses():
         atomic_write_text(layout.resolved_spec, dump_resolved(spec))
-        echo(f"run {spec.name}: {len(selected)} stage(s) -> {workdir}")
+        log.info(f"run {spec.name}: {len(selected)} stage(s) -> {workdir}")
         try:
             for index, stage in enumerate(selected, 1):
                 _check_upstream_done(spec, layout, stage, prints)
                 decision = decide(spec, layout, stage, prints, force)
-                echo(f"[{index}/{len(selected)}] {stage}: {decision.action} ({decision.reason})")
+                log.info(f"[{index}/{len(selected)}] {stage}: {decision.action} ({decision.reason})")
                 if decision.action == "skip":
                     results.append({"stage": stage, "action": "skip", **(read_record(layout, stage) or {})})
                     continue
-                results.append(_run_one(spec, layout, classes[stage], decision, prints, echo))
+                results.append(_run_one(spec, layout, classes[stage], decision, prints))
         finally:
             close_idle()
-            _report(spec, layout, echo)
+            _report(spec, layout)
     if missing is not None:
         raise missing
     return results
 
 
-def _report(spec: Spec, layout: RunLayout, echo: Callable[[str], None]) -> None:
+def _report(spec: Spec, layout: RunLayout) -> None:
     """WORKDIR/report.md after every run, a failed one too (it shows what finished); never masks the failure."""
     from pipelines.report import stage_records, write_report
 
     if not stage_records(layout):
         return
     try:
-        echo(f"report: {write_report(spec, layout)}")
+        log.info(f"report: {write_report(spec, layout)}")
     except Exception as exc:  # the run's own outcome (or error) is what the user must see
-        echo(f"note: the report could not be written ({type(exc).__name__}: {exc})")
+        log.warning(f"note: the report could not be written ({type(exc).__name__}: {exc})")
 
 
 def _check_upstream_done(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str]) -> None:
@@ -343,13 +348,12 @@ def _run_one(
     cls: type[Stage],
     decision: Decision,
     prints: dict[str, str],
-    echo: Callable[[str], None],
 ) -> dict[str, Any]:
     stage = decision.stage
     outdir = layout.stage_dir(stage)
     if decision.action == "start" and outdir.exists():
         if any(p.name != RECORD for p in outdir.iterdir()):
-            echo(f"  discarding previous {stage} outputs in {outdir}")
+            log.info(f"  discarding previous {stage} outputs in {outdir}")
         shutil.rmtree(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     record = {
@@ -364,7 +368,7 @@ def _run_one(
     try:
         summary = instance.run()
     except BaseException as exc:
-        echo(
+        log.error(
             f"  {stage} stopped after {time.monotonic() - start:.1f}s ({type(exc).__name__}); "
             "finished work is kept: rerun the same command to resume"
         )
@@ -373,5 +377,5 @@ def _run_one(
     record.update(status="done", seconds=round(elapsed, 2), summary=summary, outputs=output_manifest(outdir))
     atomic_write_json(outdir / RECORD, record)
     figures = ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int | float | str))
-    echo(f"  {stage} done in {elapsed:.1f}s" + (f": {figures}" if figures else ""))
+    log.info(f"  {stage} done in {elapsed:.1f}s" + (f": {figures}" if figures else ""))
     return {"action": decision.action, **record}

@@ -114,7 +114,7 @@ class TaskStage(Stage):
         logs = logging_root(self.spec, self.name, self.outdir, fresh) / f"{ex.tasks}-tasks"  # completions per split
         task = StageTask(type(self), self.spec, self.layout.root)
         executor = make_executor(ex, [task], ex.tasks, logs, f"{self.spec.name}-{self.name}")
-        run_executors(ex, self.name, [self.name], [executor], self.echo)
+        run_executors(ex, self.name, [self.name], [executor])
         unfinished = [p.name for p in inputs if not self.done_marker(p).is_file()]
         if unfinished:
             raise RunError(
@@ -130,6 +130,3 @@ class TaskStage(Stage):
     def summarize(self, totals: dict[str, Any]) -> dict[str, Any]:
         """The stage's summary from the figures summed over its input shards (checks, derived figures)."""
         return totals
-
-    def echo(self, message: str) -> None:
-        print(message, flush=True)

@@ -12,11 +12,12 @@ task (its index and log folder), a task that raised (its logs).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from pipelines.stage import TaskStage
 
 ExecutorSpec = LocalExecutor | SlurmExecutor | RayExecutor
+log = logging.getLogger(__name__)
+
 SLURM_POLL_S = float(os.environ.get("CODEPMP_SLURM_POLL_S", 60))  # seconds between queue checks; tests use 1
 
 
@@ -80,7 +83,6 @@ def run_executors(
     label: str,
     names: Sequence[str],
     executors: Sequence[PipelineExecutor],
-    echo: Callable[[str], None],
 ) -> None:
     """Run a `depends` chain of executors (one per step, `names` for messages) on `ex`'s kind.
 
@@ -88,13 +90,13 @@ def run_executors(
     waits for the last one. A task failure becomes a RunError naming the step and its logs, not a traceback.
     """
     if isinstance(ex, SlurmExecutor):
-        _submit_and_wait(ex, label, names, executors, echo)
+        _submit_and_wait(ex, label, names, executors)
         return
     if isinstance(ex, RayExecutor):
         _init_ray(ex.address)
     for index, (name, executor) in enumerate(zip(names, executors, strict=True)):
         if len(executors) > 1:
-            echo(f"  {label} step {index + 1}/{len(executors)}: {name} ({executor.world_size} task(s))")
+            log.info(f"  {label} step {index + 1}/{len(executors)}: {name} ({executor.world_size} task(s))")
         try:
             executor.run()  # its `depends` already ran, so this runs just this step's missing tasks
         except CodepmpError:
@@ -109,7 +111,6 @@ def _submit_and_wait(
     label: str,
     names: Sequence[str],
     executors: Sequence[PipelineExecutor],
-    echo: Callable[[str], None],
 ) -> None:
     """Submit the chain as dependent Slurm job arrays, then wait for the last step's completions.
 
@@ -125,10 +126,10 @@ def _submit_and_wait(
     except subprocess.CalledProcessError as exc:  # sbatch printed why just above
         raise RunError(f"executor.kind=slurm: sbatch refused a job (exit {exc.returncode}, see above)") from None
     if last.job_id != -1:
-        echo(f"  {label}: submitted slurm job {last.job_id}; logs in {Path(last.logging_dir.path) / 'slurm_logs'}")
+        log.info(f"  {label}: submitted slurm job {last.job_id}; logs in {Path(last.logging_dir.path) / 'slurm_logs'}")
     while incomplete := len(last.get_incomplete_ranks()):
         _raise_if_a_step_failed(label, names, executors)
-        echo(f"  waiting for slurm: {incomplete}/{last.world_size} {label} tasks left (Ctrl-C is safe)")
+        log.info(f"  waiting for slurm: {incomplete}/{last.world_size} {label} tasks left (Ctrl-C is safe)")
         time.sleep(SLURM_POLL_S)
 
 

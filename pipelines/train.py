@@ -8,6 +8,7 @@ training on the same dir continues from `checkpoints/latest` at the exact sample
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -18,6 +19,8 @@ from pipelines.errors import RunError
 from pipelines.spec import HUMANEVAL_EXEC, FinetuneSpec, PretrainSpec
 from pipelines.stage import Stage
 from sdk.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 # With `save_every_steps: null` a run checkpoints this many times (every tenth of its steps): a crash loses
 # at most ~10% of the work, and at ~10 checkpoints the time spent writing them stays small next to training.
@@ -68,10 +71,9 @@ class _TrainStage(Stage):
 
         table = load_pairs(data)
         cfg = train_config(section, table.num_rows)
-        print(
+        log.info(
             f"  {self.name}: {model} on {table.num_rows} pairs ({what}); checkpoint every {cfg.save_every_steps} "
-            f"step(s) in {self.outdir / 'checkpoints'}",
-            flush=True,
+            f"step(s) in {self.outdir / 'checkpoints'}"
         )
         start = time.monotonic()
         rm = RewardModel.from_pretrained(model, trust_remote_code=section.trust_remote_code)

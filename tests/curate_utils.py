@@ -9,6 +9,7 @@ from typing import Any
 
 from pipelines.runner import run_spec
 from pipelines.spec import Spec, validate_spec
+from tests.logs import logged
 
 
 def make_spec(tmp_path: Path, source: dict[str, Any], **sections: Any) -> Spec:
@@ -19,8 +20,8 @@ def make_spec(tmp_path: Path, source: dict[str, Any], **sections: Any) -> Spec:
 
 def run_curate(spec: Spec, workdir: Path) -> list[str]:
     """Run the curate stage through the runner (as `codepmp run --until curate` does); returns what it printed."""
-    printed: list[str] = []
-    run_spec(spec, workdir, until="curate", echo=printed.append)
+    with logged() as printed:
+        run_spec(spec, workdir, until="curate")
     return printed
 
 

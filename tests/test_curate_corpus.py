@@ -28,6 +28,7 @@ from pipelines.errors import SpecError
 from pipelines.languages import stdlib_dir
 from pipelines.stage import RunLayout
 from tests.curate_utils import make_spec, read_shards, run_curate, stats_rows
+from tests.logs import logged
 
 REAL = [
     "textwrap.py", "heapq.py", "bisect.py", "colorsys.py", "shlex.py", "fnmatch.py", "glob.py", "queue.py",
@@ -139,8 +140,8 @@ def curated(tmp_path_factory: pytest.TempPathFactory) -> dict:
     curate_dir = workdir / "curate"
     build_listing(spec.source, CurateLayout(curate_dir, curate_dir / "logs").listing)
     (corpus / "b_planted" / "vanishes.py").unlink()
-    printed: list[str] = []
-    CurateStage(spec, RunLayout(workdir), echo=printed.append).run()
+    with logged() as printed:
+        CurateStage(spec, RunLayout(workdir)).run()
     return {"workdir": workdir, "expected": expected, "printed": printed, "corpus": corpus}
 
 

@@ -89,7 +89,7 @@ def test_the_runner_keeps_an_engine_only_for_the_next_stage_that_loads_it_first(
         "name: t\nsource: {paths: [stdlib], limit: 3}\ndescribe: {model: {name: m}}\n"
         "generate: {strong: {model: {name: a}}, weak: {model: {name: b}}}\npairs: {}\n"
     )
-    runner.run_spec(load_spec(spec_path), tmp_path / "run", echo=lambda line: None)
+    runner.run_spec(load_spec(spec_path), tmp_path / "run")
     (_, described), (_, strong_gen), (_, weak_gen) = EngineStage.got
     if strong == A:
         assert strong_gen is described

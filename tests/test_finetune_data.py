@@ -215,7 +215,7 @@ def test_finetune_stage_trains_on_exec_pairs(fake_sample, tmp_path):
                      "humaneval_exec": {"generator": GENERATOR, "k": 3, "problems": 2}},
     }  # fmt: skip
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    results = runner.run_spec(load_spec(tmp_path / "spec.yaml"), tmp_path / "run", echo=lambda line: None)
+    results = runner.run_spec(load_spec(tmp_path / "spec.yaml"), tmp_path / "run")
     summary = results[0]["summary"]
     data = tmp_path / "run" / "finetune" / "data"
     assert summary["data"] == f"humaneval-exec ({data / 'humaneval-exec.parquet'})"

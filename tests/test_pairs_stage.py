@@ -202,7 +202,7 @@ def test_runner_runs_the_stage_and_records_its_summary(tmp_path: Path) -> None:
     for stage in ("curate", "describe", "generate"):
         (tmp_path / stage).mkdir(exist_ok=True)
         runner.record_done(spec, runner.RunLayout(tmp_path), stage, {"out": 30})
-    [result] = runner.run_spec(spec, tmp_path, only="pairs", echo=lambda _line: None)
+    [result] = runner.run_spec(spec, tmp_path, only="pairs")
     assert result["status"] == "done" and result["summary"]["pairs"] == 26
     manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
     assert manifest["stages"]["generate"] == {"out": 30}

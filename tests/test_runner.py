@@ -5,6 +5,7 @@ The stages here are small stand-ins that only write files: they check the orches
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pipelines import runner
 from pipelines.errors import RunError, SpecError
 from pipelines.spec import STAGES, Spec, load_spec
 from pipelines.stage import Stage
+from tests.logs import logged
 
 HOLD_LOCK = (  # what `workdir_lock` does, in another process
     "import fcntl, sys, os, time\n"
@@ -69,8 +71,8 @@ def spec_path(tmp_path: Path) -> Path:
 
 
 def run(spec_path: Path, workdir: Path, *overrides: str, **kwargs: Any) -> list[str]:
-    lines: list[str] = []
-    runner.run_spec(load_spec(spec_path, overrides), workdir, echo=lines.append, **kwargs)
+    with logged() as lines:
+        runner.run_spec(load_spec(spec_path, overrides), workdir, **kwargs)
     return lines
 
 
@@ -84,6 +86,21 @@ def test_runs_declared_stages_in_order_then_skips_them(stages, spec_path, tmp_pa
     lines = run(spec_path, workdir)
     assert stages.calls == []
     assert sum("skip (already done" in line for line in lines) == 4
+
+
+def test_progress_goes_to_the_pipelines_logger_which_a_library_caller_can_silence(stages, spec_path, tmp_path, capfd):
+    """Progress is logged, never printed: a caller of `run_spec` decides where it goes (the CLI prints it)."""
+    logger = logging.getLogger("pipelines")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        runner.run_spec(load_spec(spec_path), tmp_path / "quiet")
+    finally:
+        logger.setLevel(level)
+    assert stages.calls == ["curate", "describe", "generate", "pairs"]
+    assert capfd.readouterr() == ("", "")
+    lines = run(spec_path, tmp_path / "loud")
+    assert lines[0].startswith("run t: 4 stage(s)") and lines[-1].startswith("report: ")
 
 
 def test_changed_section_reruns_that_stage_and_later_ones_only(stages, spec_path, tmp_path):
@@ -101,9 +118,8 @@ def test_changed_section_reruns_that_stage_and_later_ones_only(stages, spec_path
 def test_crashed_stage_resumes_in_place(stages, spec_path, tmp_path):
     workdir = tmp_path / "run"
     stages.crash_in = "generate"
-    lines: list[str] = []
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        runner.run_spec(load_spec(spec_path), workdir, echo=lines.append)
+    with logged() as lines, pytest.raises(RuntimeError, match="simulated crash"):
+        runner.run_spec(load_spec(spec_path), workdir)
     assert any("rerun the same command to resume" in line for line in lines)
     assert lines[-1] == f"report: {workdir / 'report.md'}"  # written after a failure too
     assert runner.read_record(runner.RunLayout(workdir), "generate")["status"] == "running"
@@ -153,9 +169,8 @@ def test_stages_before_a_missing_one_run_then_the_run_stops(stages, spec_path, t
         return built[name]
 
     monkeypatch.setattr(runner, "load_stage", load)
-    lines: list[str] = []
-    with pytest.raises(RunError, match="stage `generate` is not available"):
-        runner.run_spec(load_spec(spec_path), tmp_path / "run", echo=lines.append)
+    with logged() as lines, pytest.raises(RunError, match="stage `generate` is not available"):
+        runner.run_spec(load_spec(spec_path), tmp_path / "run")
     assert stages.calls == ["curate", "describe"]
     assert "running the 2 stage(s) before it" in lines[0]
 

@@ -19,6 +19,7 @@ from pipelines import runner
 from pipelines.spec import load_spec
 from pipelines.train import PretrainStage, default_save_every, train_config
 from sdk.config import TrainConfig
+from tests.logs import logged
 from tests.sdk_tiny import make_tiny_lm, planted_pairs
 
 FAST = {"precision": "fp32", "weight_decay": 0.0, "warmup_ratio": 0.0, "learning_rate": 3e-3, "zero_stage": 1}
@@ -47,8 +48,8 @@ def write_spec(inputs: dict[str, Path], tmp_path: Path, **pretrain: Any) -> Path
 
 
 def run(spec: Path, workdir: Path, *overrides: str, **kwargs: Any) -> tuple[list[dict[str, Any]], list[str]]:
-    lines: list[str] = []
-    results = runner.run_spec(load_spec(spec, overrides), workdir, echo=lines.append, **kwargs)
+    with logged() as lines:
+        results = runner.run_spec(load_spec(spec, overrides), workdir, **kwargs)
     return results, lines
 
 

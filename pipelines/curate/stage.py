@@ -7,8 +7,8 @@ so a resumed run reads the same files in the same order and writes the same outp
 
 from __future__ import annotations
 
+import logging
 import shutil
-from collections.abc import Callable
 from typing import Any
 
 from pipelines.curate.listing import build_listing, read_listing_summary
@@ -20,6 +20,8 @@ from pipelines.stage import Stage
 from pipelines.tasks import logging_root, run_executors
 from sdk.fileio import atomic_write_json
 
+log = logging.getLogger(__name__)
+
 OUTPUT_GLOB = "curate/output/*.jsonl.gz"  # relative to WORKDIR: what the describe stage reads
 
 
@@ -27,10 +29,6 @@ class CurateStage(Stage):
     """GitHub-style code -> filtered, exact- and near-deduplicated files in WORKDIR/curate/output/."""
 
     name = "curate"
-
-    def __init__(self, *args: Any, echo: Callable[[str], None] = print, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.echo = echo
 
     def run(self) -> dict[str, Any]:
         if self.spec.source is None:
@@ -40,12 +38,12 @@ class CurateStage(Stage):
         listing = self._listing(layout, resuming)
         steps = build_steps(self.spec, layout)
         executors = build_executors(self.spec, steps, layout)
-        run_executors(self.spec.executor, "curate", [s.name for s in steps], executors, self.echo)
+        run_executors(self.spec.executor, "curate", [s.name for s in steps], executors)
         stats = build_stats(steps, layout, listing)
         if stats["documents_in"] == 0:
             raise SpecError(f"source: the corpus is empty (no documents read from {self._describe_source()})")
         atomic_write_json(layout.stats, stats)
-        self.echo(render_summary(stats))
+        log.info(render_summary(stats))
         if stats["documents_out"] == 0:  # a stage that produced nothing is not done: later stages would idle on it
             drops = "; ".join(
                 f"{row['step']}: " + ", ".join(f"{k} {v}" for k, v in row["dropped"].items() if v)
