@@ -16,7 +16,8 @@ from typing import Any
 import click
 
 from pipelines.errors import CodepmpError
-from pipelines.spec import STAGES, Spec, load_spec
+from pipelines.spec import Spec
+from pipelines.stages import NAMES, declared_names, load
 
 SPEC_HELP = "Path to a spec YAML file (see specs/ for examples)."
 SET_HELP = "Override a spec field before validation, e.g. --set generate.strong.sampling.temperature=0.2 (repeatable)."
@@ -74,8 +75,8 @@ def show_progress() -> None:
 @user_errors
 def validate(spec: str, overrides: tuple[str, ...]) -> None:
     """Check a spec: exit 0 if valid, else print the offending field and exit 2."""
-    loaded = load_spec(spec, overrides)
-    click.echo(f"ok: {spec} is valid; stages: {', '.join(loaded.declared_stages()) or 'none'}")
+    loaded = load(spec, overrides)
+    click.echo(f"ok: {spec} is valid; stages: {', '.join(declared_names(loaded)) or 'none'}")
 
 
 @cli.command()
@@ -88,7 +89,7 @@ def plan(spec: str, overrides: tuple[str, ...], workdir: str | None, as_json: bo
     from pipelines.plan import build_plan, plan_as_dict, render_plan
     from pipelines.runner import resolve_workdir
 
-    loaded = load_spec(spec, overrides)
+    loaded = load(spec, overrides)
     root = resolve_workdir(loaded, workdir)
     plans = build_plan(loaded, root)
     if as_json:
@@ -108,8 +109,8 @@ def schema() -> None:
 @click.option(
     "--workdir", type=click.Path(file_okay=False), help="Run directory (default: spec's workdir, else ./runs/NAME)."
 )
-@click.option("--only", type=click.Choice(STAGES), help="Run just this stage (its inputs must be done).")
-@click.option("--until", type=click.Choice(STAGES), help="Run the declared stages up to and including this one.")
+@click.option("--only", type=click.Choice(NAMES), help="Run just this stage (its inputs must be done).")
+@click.option("--until", type=click.Choice(NAMES), help="Run the declared stages up to and including this one.")
 @click.option("--force", is_flag=True, help="Rerun the selected stages from scratch even if they are done.")
 @user_errors
 def run(
@@ -122,7 +123,7 @@ def run(
     """
     from pipelines.runner import resolve_workdir, run_spec
 
-    loaded = load_spec(spec, overrides)
+    loaded = load(spec, overrides)
     run_spec(loaded, resolve_workdir(loaded, workdir), only=only, until=until, force=force)
 
 

@@ -18,16 +18,18 @@ would leak the answer into the prompt).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
+from pipelines.costs import DESCRIBE_KEEP, GEN_FILL, Flow, StagePlan, gen_plan, model_str, task_wall
 from pipelines.engine import Generator, Request, RequestCache, leave_idle, open_generator
 from pipelines.errors import RunError
 from pipelines.pairs.checks import is_repetition_loop
 from pipelines.shards import chunks, write_shard
-from pipelines.spec import DescribeSpec, ModelSpec
-from pipelines.stage import TaskStage
+from pipelines.spec import DescribeSpec, ModelSpec, Spec
+from pipelines.stage import RunLayout, TaskStage
 from sdk.fileio import atomic_write_json
 
 _FENCE = re.compile(r"```.*?(```|$)", re.DOTALL)
@@ -62,7 +64,37 @@ def fit_code(generator: Generator, cfg: DescribeSpec, doc: dict[str, Any]) -> tu
 
 class DescribeStage(TaskStage):
     name = "describe"
-    upstream = "curate"
+    section = "describe"
+    reads = ("describe",)
+    writes = ("output/*.jsonl.gz (instructions, parts of chunk_size documents)", "cache/ (request caches)")
+    input_stage = "curate"
+    feeds: ClassVar[dict[str, str]] = {"curate": "describe reads WORKDIR/curate: add a `source` section"}
+
+    @classmethod
+    def estimate(cls, spec: Spec, layout: RunLayout, flow: Flow) -> StagePlan:
+        cfg = spec.describe
+        assert cfg is not None
+        each = min(flow.mean_tokens, cfg.max_input_tokens)
+        pt, nt, gpu, cpu, size = gen_plan(flow.docs, each, (cfg.model, cfg.sampling))
+        plan = StagePlan(
+            cls.name,
+            [str(layout.stage_dir("curate") / "output")],
+            [str(layout.stage_dir(cls.name) / w) for w in cls.writes],
+            f"describer {model_str(cfg.model, size)}, {cfg.sampling.max_new_tokens} new tokens max",
+            documents=int(flow.docs),
+            input_tokens=int(pt),
+            generated_tokens=int(nt),
+            gpu_hours=gpu,
+            cpu_hours=cpu,
+        )
+        where = "describe.executor" if cfg.executor is not None else "executor"
+        split = "curate shards ({shards:,}); raise executor.tasks (curate)"
+        task_wall(plan, cls.executor(spec), where, [cfg.model], flow.shards, split)
+        flow.instr_tokens = cfg.sampling.max_new_tokens * GEN_FILL
+        if flow.shards is not None:  # a part per chunk_size documents of each curate shard
+            flow.shards *= max(1, math.ceil(flow.docs / flow.shards / cfg.chunk_size))
+        flow.docs *= DESCRIBE_KEEP
+        return plan
 
     def first_model(self) -> ModelSpec | None:
         return self.spec.describe.model if self.spec.describe else None

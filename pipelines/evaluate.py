@@ -16,10 +16,12 @@ import glob
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from pipelines.costs import HUMANEVAL_PROBLEMS, Flow, StagePlan, driver_wall, gen_plan, model_str
 from pipelines.errors import RunError
-from pipelines.stage import Stage
+from pipelines.spec import Spec
+from pipelines.stage import RunLayout, Stage
 from sdk import sandbox
 from sdk.fileio import atomic_write_json
 
@@ -27,7 +29,48 @@ MATH_DRAWS = 20  # draws for the math curves when the spec has no best_of_n sect
 
 
 class EvaluateStage(Stage):
+    """Held-out pair accuracy, Best-of-N on HumanEval and math curves for the trained reward model."""
+
     name = "evaluate"
+    section = "evaluate"
+    reads = ("evaluate",)
+    writes = ("results.json", "*.png", "samples/ (Best-of-N candidates)")
+    feeds: ClassVar[dict[str, str]] = {
+        "finetune": "evaluate scores the trained model: add `finetune`/`pretrain` or set evaluate.model",
+        "pretrain": "evaluate scores the trained model: add `pretrain` or set evaluate.model",
+        "pairs": "evaluate reads WORKDIR/pairs/heldout-*: add a `pairs` section or set evaluate.heldout",
+    }
+
+    @classmethod
+    def upstream(cls, spec: Spec) -> list[str]:
+        cfg = spec.evaluate
+        assert cfg is not None
+        needs = []
+        if cfg.model is None:
+            needs.append("finetune" if spec.finetune else "pretrain")
+        if cfg.heldout is None:
+            needs.append("pairs")
+        return needs
+
+    @classmethod
+    def estimate(cls, spec: Spec, layout: RunLayout, flow: Flow) -> StagePlan:
+        cfg = spec.evaluate
+        assert cfg is not None
+        outputs = [str(layout.stage_dir(cls.name) / w) for w in cls.writes]
+        plan = StagePlan(cls.name, [], outputs, "RM accuracy on held-out pairs", unit="pairs")
+        plan.reads.append(cfg.heldout or str(layout.stage_dir("pairs") / "heldout-*.parquet"))
+        plan.documents = int(flow.heldout_pairs)
+        if cfg.best_of_n:
+            bon = cfg.best_of_n
+            problems = bon.problems or HUMANEVAL_PROBLEMS
+            pt, nt, gpu, cpu, size = gen_plan(problems * bon.k, 150, (bon.generator.model, bon.generator.sampling))
+            plan.detail += (
+                f"; Best-of-N on HumanEval: {problems} problems x k={bon.k} from {model_str(bon.generator.model, size)}"
+            )
+            plan.input_tokens, plan.generated_tokens = int(pt), int(nt)
+            plan.gpu_hours, plan.cpu_hours = gpu, cpu
+        driver_wall(spec, plan)
+        return plan
 
     def run(self) -> dict[str, Any]:
         cfg = self.spec.evaluate

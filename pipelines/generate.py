@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
+from pipelines.costs import GEN_FILL, Flow, StagePlan, gen_plan, model_str, task_wall
 from pipelines.engine import Generator, Request, RequestCache, leave_idle, model_label, open_generator
 from pipelines.errors import RunError
 from pipelines.shards import chunks, write_shard
-from pipelines.spec import GenerateSpec, GeneratorSpec, ModelSpec
-from pipelines.stage import TaskStage
+from pipelines.spec import GenerateSpec, GeneratorSpec, ModelSpec, Spec
+from pipelines.stage import RunLayout, TaskStage
 from sdk.fileio import atomic_write_json
 
 # Markdown fence tags for languages whose name is not its usual tag.
@@ -35,7 +36,34 @@ def generation_prompt(template: str, record: dict[str, Any]) -> str:
 
 class GenerateStage(TaskStage):
     name = "generate"
-    upstream = "describe"
+    section = "generate"
+    reads = ("generate",)
+    writes = ("output/*.jsonl.gz (strong + weak responses per instruction)", "cache/ (strong and weak request caches)")
+    input_stage = "describe"
+    feeds: ClassVar[dict[str, str]] = {"describe": "generate reads WORKDIR/describe: add a `describe` section"}
+
+    @classmethod
+    def estimate(cls, spec: Spec, layout: RunLayout, flow: Flow) -> StagePlan:
+        cfg = spec.generate
+        assert cfg is not None
+        outputs = [str(layout.stage_dir(cls.name) / w) for w in cls.writes]
+        plan = StagePlan(cls.name, [str(layout.stage_dir("describe") / "output")], outputs, "")
+        parts = []
+        for role, gen in (("strong", cfg.strong), ("weak", cfg.weak)):
+            pt, nt, gpu, cpu, size = gen_plan(flow.docs, flow.instr_tokens, gen)
+            plan.input_tokens += int(pt)
+            plan.generated_tokens += int(nt)
+            plan.gpu_hours += gpu
+            plan.cpu_hours += cpu
+            parts.append(f"{role} {model_str(gen.model, size)}")
+        plan.detail = ", ".join(parts)
+        plan.documents = int(flow.docs)
+        where = "generate.executor" if cfg.executor is not None else "executor"
+        split = "describe parts (~{shards:,}); lower describe.chunk_size"
+        task_wall(plan, cls.executor(spec), where, [cfg.strong.model, cfg.weak.model], flow.shards, split)
+        flow.response_tokens = (cfg.strong.sampling.max_new_tokens + cfg.weak.sampling.max_new_tokens) / 2 * GEN_FILL
+        flow.docs *= min(cfg.strong.sampling.n, cfg.weak.sampling.n)
+        return plan
 
     def first_model(self) -> ModelSpec | None:
         return self.spec.generate.strong.model if self.spec.generate else None

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import DataError
-from pipelines.runner import read_record
-from pipelines.spec import STAGES, Spec
-from pipelines.stage import RunLayout
+from pipelines.spec import Spec
+from pipelines.stage import RunLayout, read_record
+from pipelines.stages import NAMES, declared_names
 from sdk.fileio import atomic_path, atomic_write_text
 
 PLOTS = "report"
@@ -55,7 +55,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 def stage_records(layout: RunLayout) -> dict[str, dict[str, Any]]:
     """`_stage.json` of every stage that has one, in pipeline order."""
     records = {}
-    for stage in STAGES:
+    for stage in NAMES:
         record = read_record(layout, stage)
         if record is not None and record.get("status") != "corrupt":
             records[stage] = record
@@ -168,7 +168,7 @@ def _figures(summary: dict[str, Any], limit: int = 6) -> str:
 
 def _stages_section(spec: Spec, records: dict[str, dict[str, Any]]) -> list[str]:
     rows = []
-    for stage in spec.declared_stages():
+    for stage in declared_names(spec):
         record = records.get(stage)
         if record is None:
             rows.append((stage, "not run", "", ""))
@@ -445,7 +445,7 @@ def write_report(spec: Spec, layout: RunLayout) -> Path:
             f"# codepmp run `{spec.name}`",
             "",
             f"Spec as run: [spec.resolved.yaml](spec.resolved.yaml). Stages declared: "
-            f"{', '.join(spec.declared_stages()) or 'none'}.",
+            f"{', '.join(declared_names(spec)) or 'none'}.",
         ],
         _stages_section(spec, records),
     ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -25,22 +24,12 @@ from typing import Any
 from pipelines.engine import close_idle
 from pipelines.errors import RunError, SpecError
 from pipelines.lifetime import RunProcesses
+from pipelines.report import stage_records, write_report
 from pipelines.spec import Spec, dump_resolved
-from pipelines.stage import MARKER, RunLayout, Stage, claim_dir
+from pipelines.stage import MARKER, RECORD, RunLayout, Stage, claim_dir, read_record
+from pipelines.stages import check_inputs, declared, declared_names, stage_class
 from sdk.fileio import atomic_write_json, atomic_write_text
 
-# Import path of each implemented stage ("module:Class"). A declared stage missing here is not built yet.
-STAGE_IMPLS: dict[str, str] = {
-    "curate": "pipelines.curate.stage:CurateStage",
-    "describe": "pipelines.describe:DescribeStage",
-    "generate": "pipelines.generate:GenerateStage",
-    "pairs": "pipelines.pairs:PairsStage",
-    "pretrain": "pipelines.train:PretrainStage",
-    "finetune": "pipelines.train:FinetuneStage",
-    "evaluate": "pipelines.evaluate:EvaluateStage",
-}
-
-RECORD = "_stage.json"
 LOCK = ".lock"
 
 log = logging.getLogger(__name__)
@@ -66,35 +55,24 @@ def select_stages(spec: Spec, only: str | None = None, until: str | None = None)
     """The declared stages to run, in pipeline order, narrowed by --only / --until."""
     if only and until:
         raise SpecError("use either --only or --until, not both")
-    declared = spec.declared_stages()
+    names = declared_names(spec)
     for flag, stage in (("--only", only), ("--until", until)):
-        if stage is not None and stage not in declared:
-            raise SpecError(f"{flag} {stage}: the spec declares no such stage (declared: {', '.join(declared)})")
+        if stage is not None and stage not in names:
+            raise SpecError(f"{flag} {stage}: the spec declares no such stage (declared: {', '.join(names)})")
     if only:
         return [only]
     if until:
-        return declared[: declared.index(until) + 1]
-    return declared
+        return names[: names.index(until) + 1]
+    return names
 
 
 def fingerprints(spec: Spec) -> dict[str, str]:
     """Per declared stage: hash of its own sections chained with its upstream stages' fingerprints."""
     prints: dict[str, str] = {}
-    for stage in spec.declared_stages():
-        parts = [spec.section_hash(stage)] + [f"{up}={prints[up]}" for up in spec.upstream(stage)]
-        prints[stage] = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    for cls in declared(spec):
+        parts = [cls.section_hash(spec)] + [f"{up}={prints[up]}" for up in cls.upstream(spec)]
+        prints[cls.name] = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     return prints
-
-
-def read_record(layout: RunLayout, stage: str) -> dict[str, Any] | None:
-    path = layout.stage_dir(stage) / RECORD
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {"status": "corrupt"}
-    return record if isinstance(record, dict) else {"status": "corrupt"}
 
 
 def output_manifest(outdir: Path) -> dict[str, Any]:
@@ -141,7 +119,7 @@ def _upstream_rebuilt(spec: Spec, layout: RunLayout, stage: str, record: dict[st
     """Upstream stages whose outputs are not the ones this stage was built from."""
     built_from = record.get("upstream_outputs", {})
     rebuilt = []
-    for up in spec.upstream(stage):
+    for up in stage_class(stage).upstream(spec):
         up_record = read_record(layout, up) or {}
         if built_from.get(up) != (up_record.get("outputs") or {}).get("digest"):
             rebuilt.append(up)
@@ -167,20 +145,12 @@ def decide(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str], fo
                 return Decision(stage, "start", problem)
             return Decision(stage, "skip", "already done with this spec")
         return Decision(stage, "resume", "resuming an interrupted attempt")
-    if record.get("section_hash") != spec.section_hash(stage):
-        return Decision(stage, "start", f"spec section(s) {', '.join(spec.stage_sections(stage))} changed")
+    cls = stage_class(stage)
+    if record.get("section_hash") != cls.section_hash(spec):
+        return Decision(stage, "start", f"spec section(s) {', '.join(cls.reads)} changed")
     built_from = record.get("upstream", {})
-    changed = [up for up in spec.upstream(stage) if built_from.get(up) != prints[up]]
+    changed = [up for up in stage_class(stage).upstream(spec) if built_from.get(up) != prints[up]]
     return Decision(stage, "start", f"upstream stage {', '.join(changed) or 'set'} changed")
-
-
-def load_stage(stage: str) -> type[Stage]:
-    target = STAGE_IMPLS.get(stage)
-    if target is None:
-        built = ", ".join(STAGE_IMPLS) or "none yet"
-        raise RunError(f"stage `{stage}` is not available in this version of codepmp (available: {built})")
-    module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)
 
 
 def claim_workdir(root: Path) -> None:
@@ -250,24 +220,11 @@ def run_spec(
 
     Progress goes to the `pipelines` logger (INFO): the CLI prints it; a library caller configures or
     silences it like any other logger.
-
-    Stages this version does not have yet: the ones before the first such stage still run (a user gets
-    what exists), then the run stops with a RunError naming it; if the first stage is missing, nothing runs.
     """
+    check_inputs(spec)
     selected = select_stages(spec, only, until)
-    classes: dict[str, type[Stage]] = {}
-    missing: RunError | None = None
-    for stage in selected:
-        try:
-            classes[stage] = load_stage(stage)
-        except RunError as exc:
-            missing = exc
-            break
-    if not classes:
-        raise missing or RunError("no stage selected")
-    if missing is not None:
-        log.info(f"note: {missing}; running the {len(classes)} stage(s) before it")
-        selected = list(classes)
+    if not selected:
+        raise SpecError("the spec declares no stage: add a `source` section (or another stage's section)")
     layout = RunLayout(workdir)
     prints = fingerprints(spec)
     results = []
@@ -283,19 +240,15 @@ def run_spec(
                 if decision.action == "skip":
                     results.append({"stage": stage, "action": "skip", **(read_record(layout, stage) or {})})
                     continue
-                results.append(_run_one(spec, layout, classes[stage], decision, prints))
+                results.append(_run_one(spec, layout, stage_class(stage), decision, prints))
         finally:
             close_idle()
             _report(spec, layout)
-    if missing is not None:
-        raise missing
     return results
 
 
 def _report(spec: Spec, layout: RunLayout) -> None:
     """WORKDIR/report.md after every run, a failed one too (it shows what finished); never masks the failure."""
-    from pipelines.report import stage_records, write_report
-
     if not stage_records(layout):
         return
     try:
@@ -305,7 +258,7 @@ def _report(spec: Spec, layout: RunLayout) -> None:
 
 
 def _check_upstream_done(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str]) -> None:
-    for up in spec.upstream(stage):
+    for up in stage_class(stage).upstream(spec):
         record = read_record(layout, up) or {}
         if record.get("status") != "done" or record.get("fingerprint") != prints[up]:
             raise RunError(
@@ -331,14 +284,14 @@ def record_done(spec: Spec, layout: RunLayout, stage: str, summary: dict[str, An
 
 def _new_record(spec: Spec, layout: RunLayout, stage: str, prints: dict[str, str]) -> dict[str, Any]:
     """What a stage is built from: its fingerprint, its upstream stages' fingerprints and their outputs' digests."""
+    cls = stage_class(stage)
+    ups = cls.upstream(spec)
     return {
         "stage": stage,
         "fingerprint": prints[stage],
-        "section_hash": spec.section_hash(stage),
-        "upstream": {up: prints[up] for up in spec.upstream(stage)},
-        "upstream_outputs": {
-            up: (read_record(layout, up) or {}).get("outputs", {}).get("digest") for up in spec.upstream(stage)
-        },
+        "section_hash": cls.section_hash(spec),
+        "upstream": {up: prints[up] for up in ups},
+        "upstream_outputs": {up: (read_record(layout, up) or {}).get("outputs", {}).get("digest") for up in ups},
     }
 
 

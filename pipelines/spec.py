@@ -7,8 +7,6 @@ and `load_spec` turns every user mistake into a `SpecError` that names the file 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -28,9 +26,6 @@ from pydantic import (
 
 from pipelines.errors import SpecError
 from sdk.config import StrictModel, TrainConfig
-
-STAGES: tuple[str, ...] = ("curate", "describe", "generate", "pairs", "pretrain", "finetune", "evaluate")
-TASK_STAGES: tuple[str, ...] = ("describe", "generate")  # generation stages with their own `executor` override
 
 # Sentinel source path meaning "the running Python's standard library" (real code on every machine).
 STDLIB = "stdlib"
@@ -602,24 +597,16 @@ class Spec(StrictModel):
     evaluate: EvaluateSpec | None = None
 
     @model_validator(mode="after")
-    def _inputs_declared(self):
-        for stage in self.declared_stages():
-            for needed in self.upstream(stage):
-                if needed not in self.declared_stages():
-                    raise ValueError(f"{_HOW_TO_FEED[stage, needed]}")
-        return self
-
-    @model_validator(mode="after")
     def _engines_fit_tasks(self):
         """One vLLM engine per task: a model's tensor-parallel GPUs must be GPUs the task was given."""
-        for stage in TASK_STAGES:
+        for stage, models in (
+            ("describe", {"model": self.describe.model} if self.describe else {}),
+            ("generate", {"strong.model": self.generate.strong.model, "weak.model": self.generate.weak.model}
+             if self.generate else {}),
+        ):  # fmt: skip
             section = getattr(self, stage)
-            if section is None:
-                continue
-            gpus = getattr(self.stage_executor(stage), "gpus_per_task", 0)
-            models = {"model": section.model} if stage == "describe" else {
-                "strong.model": section.strong.model, "weak.model": section.weak.model
-            }  # fmt: skip
+            ex = section.executor if section is not None and section.executor is not None else self.executor
+            gpus = getattr(ex, "gpus_per_task", 0)
             for where, model in models.items():
                 if gpus and model.tensor_parallel_size > gpus:
                     raise ValueError(
@@ -643,66 +630,6 @@ class Spec(StrictModel):
                 "finetuning would train on problems Best-of-N evaluates; lower one of them"
             )
         return self
-
-    def upstream(self, stage: str) -> list[str]:
-        """Stages whose outputs `stage` reads, given what the spec points at explicitly."""
-        if stage == "curate":
-            return []
-        if stage in ("describe", "generate", "pairs"):
-            return [STAGES[STAGES.index(stage) - 1]]
-        if stage == "pretrain":
-            return [] if self.pretrain and self.pretrain.data else ["pairs"]
-        if stage == "finetune":
-            return [] if self.finetune and self.finetune.model else ["pretrain"]
-        needs = []
-        if self.evaluate and self.evaluate.model is None:
-            needs.append("finetune" if self.finetune else "pretrain")
-        if self.evaluate and self.evaluate.heldout is None:
-            needs.append("pairs")
-        return needs
-
-    def stage_sections(self, stage: str) -> dict[str, Any]:
-        """The sections a stage reads: the only input of its skip-if-done hash.
-
-        A generation stage's own `executor` is left out: its outputs do not depend on where or in how many
-        tasks it ran (per-request seeds, a split by input shard, output named after the input), so moving it
-        to another cluster or task count resumes its finished work instead of discarding it.
-        """
-        names = ("source", "filters", "dedup", "executor") if stage == "curate" else (stage,)
-        sections = {n: _dump(getattr(self, n)) for n in names}
-        if stage in TASK_STAGES and sections[stage] is not None:
-            sections[stage].pop("executor", None)
-        return sections
-
-    def stage_executor(self, stage: str) -> LocalExecutor | SlurmExecutor | RayExecutor:
-        """The executor `stage`'s tasks run on: its own override, else the top-level one."""
-        section = getattr(self, stage, None) if stage in TASK_STAGES else None
-        own = getattr(section, "executor", None)
-        return own if own is not None else self.executor
-
-    def declared_stages(self) -> list[str]:
-        """Stages this spec asks for, in pipeline order."""
-        return [s for s in STAGES if getattr(self, "source" if s == "curate" else s) is not None]
-
-    def section_hash(self, stage: str) -> str:
-        blob = json.dumps(self.stage_sections(stage), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-_HOW_TO_FEED = {
-    ("describe", "curate"): "describe reads WORKDIR/curate: add a `source` section",
-    ("generate", "describe"): "generate reads WORKDIR/describe: add a `describe` section",
-    ("pairs", "generate"): "pairs reads WORKDIR/generate: add a `generate` section",
-    ("pretrain", "pairs"): "pretrain reads WORKDIR/pairs: add a `pairs` section or set pretrain.data",
-    ("finetune", "pretrain"): "finetune starts from the pretrained model: add `pretrain` or set finetune.model",
-    ("evaluate", "finetune"): "evaluate scores the trained model: add `finetune`/`pretrain` or set evaluate.model",
-    ("evaluate", "pretrain"): "evaluate scores the trained model: add `pretrain` or set evaluate.model",
-    ("evaluate", "pairs"): "evaluate reads WORKDIR/pairs/heldout-*: add a `pairs` section or set evaluate.heldout",
-}
-
-
-def _dump(section: StrictModel | None) -> Any:
-    return None if section is None else section.model_dump(mode="json")
 
 
 # --------------------------------------------------------------------------- loading

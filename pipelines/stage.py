@@ -1,23 +1,35 @@
 """The stage contract: one class per pipeline step, in the spirit of datatrove's `PipelineStep`.
 
-A stage reads only its own spec section(s), writes only under `WORKDIR/<name>/`, and must be
-resumable: when `run` is called on a directory left by a crashed attempt with the same spec, it
-continues from what is there instead of redoing finished work.
+A stage class carries its own metadata, and the runner, the fingerprints and `codepmp plan` loop over the
+classes (`pipelines/stages.py` lists them in pipeline order) without knowing any stage by name:
+- what it reads: the spec sections of its skip-if-done hash (`reads`, `sections`) and the upstream stages whose
+  outputs it takes (`upstream`, with `feeds` saying what to declare when one is missing);
+- what it writes: `writes`, globs under WORKDIR/<name>/;
+- how it splits into tasks: `executor` (None: it runs in the `codepmp run` process);
+- what it costs: `estimate`, which also hands counts on to the next stage's estimate.
+
+A stage writes only under `WORKDIR/<name>/`, and must be resumable: when `run` is called on a directory left by
+a crashed attempt with the same spec, it continues from what is there instead of redoing finished work.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipelines.errors import SpecError
-from pipelines.spec import ModelSpec, Spec
+from pipelines.spec import LocalExecutor, ModelSpec, RayExecutor, SlurmExecutor, Spec
 from sdk.fileio import atomic_write_json, is_empty_dir, precious_dirs
 
+if TYPE_CHECKING:
+    from pipelines.costs import Flow, StagePlan
+
 MARKER = ".codepmp-run"  # written into every directory codepmp creates for a run; only such a directory is reused
+RECORD = "_stage.json"  # a stage's record in its directory: status, fingerprint, summary, outputs
 
 
 @dataclass(frozen=True)
@@ -34,14 +46,59 @@ class RunLayout:
         return self.root / "spec.resolved.yaml"
 
 
+def read_record(layout: RunLayout, stage: str) -> dict[str, Any] | None:
+    """A stage's `_stage.json` (None before its first run; status "corrupt" when it cannot be read)."""
+    path = layout.stage_dir(stage) / RECORD
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"status": "corrupt"}
+    return record if isinstance(record, dict) else {"status": "corrupt"}
+
+
 class Stage(ABC):
-    """One step of `codepmp run`. Subclasses set `name` and implement `run`."""
+    """One step of `codepmp run`. Subclasses set the class variables and implement `run` and `estimate`."""
 
     name: ClassVar[str]
+    section: ClassVar[str]  # the spec section whose presence declares the stage
+    reads: ClassVar[tuple[str, ...]]  # spec sections it reads: the input of its skip-if-done hash
+    writes: ClassVar[tuple[str, ...]]  # what it leaves under WORKDIR/<name>/ (globs), as `plan` shows it
+    feeds: ClassVar[dict[str, str]] = {}  # upstream stage -> what to add to a spec that lacks it
 
     def __init__(self, spec: Spec, layout: RunLayout) -> None:
         self.spec = spec
         self.layout = layout
+
+    @classmethod
+    def declared(cls, spec: Spec) -> bool:
+        return getattr(spec, cls.section) is not None
+
+    @classmethod
+    def upstream(cls, spec: Spec) -> list[str]:
+        """Stages whose outputs this one reads, given what the spec points at explicitly."""
+        return []
+
+    @classmethod
+    def executor(cls, spec: Spec) -> LocalExecutor | SlurmExecutor | RayExecutor | None:
+        """Where the stage's tasks run; None: in the `codepmp run` process itself."""
+        return None
+
+    @classmethod
+    def sections(cls, spec: Spec) -> dict[str, Any]:
+        """The spec sections this stage reads, as plain data: the only input of its skip-if-done hash."""
+        return {n: None if getattr(spec, n) is None else getattr(spec, n).model_dump(mode="json") for n in cls.reads}
+
+    @classmethod
+    def section_hash(cls, spec: Spec) -> str:
+        blob = json.dumps(cls.sections(spec), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @classmethod
+    @abstractmethod
+    def estimate(cls, spec: Spec, layout: RunLayout, flow: Flow) -> StagePlan:
+        """The stage's size and cost for `codepmp plan`, from the counts `flow` carries (which it updates)."""
 
     @property
     def outdir(self) -> Path:
@@ -89,11 +146,31 @@ class TaskStage(Stage):
     input shard was finished, and sums the figures the tasks left in `done/<shard>.json`.
     """
 
-    upstream: ClassVar[str]
+    input_stage: ClassVar[str]  # the stage whose output shards are this one's inputs
+
+    @classmethod
+    def upstream(cls, spec: Spec) -> list[str]:
+        return [cls.input_stage]
+
+    @classmethod
+    def executor(cls, spec: Spec) -> LocalExecutor | SlurmExecutor | RayExecutor:
+        """The stage's own `executor` override, else the top-level one."""
+        own = getattr(getattr(spec, cls.section), "executor", None)
+        return own if own is not None else spec.executor
+
+    @classmethod
+    def sections(cls, spec: Spec) -> dict[str, Any]:
+        """Its own section without its `executor`: the outputs do not depend on where or in how many tasks it
+        ran (per-request seeds, a split by input shard, outputs named after inputs), so moving it to another
+        cluster or task count resumes its finished work instead of discarding it."""
+        sections = super().sections(spec)
+        if sections[cls.section] is not None:
+            sections[cls.section].pop("executor", None)
+        return sections
 
     def inputs(self) -> list[Path]:
         """The upstream stage's output shards, in name order."""
-        return sorted((self.layout.stage_dir(self.upstream) / "output").glob("*.jsonl.gz"))
+        return sorted((self.layout.stage_dir(self.input_stage) / "output").glob("*.jsonl.gz"))
 
     def done_marker(self, shard: Path) -> Path:
         return self.outdir / "done" / (shard.name.removesuffix(".jsonl.gz") + ".json")
@@ -108,10 +185,10 @@ class TaskStage(Stage):
 
         inputs = self.inputs()
         if not inputs:
-            raise RunError(f"{self.name}: no input shards in {self.layout.stage_dir(self.upstream) / 'output'}")
-        ex = self.spec.stage_executor(self.name)
+            raise RunError(f"{self.name}: no input shards in {self.layout.stage_dir(self.input_stage) / 'output'}")
+        ex = self.executor(self.spec)
         fresh = not any(p.name != "_stage.json" for p in self.outdir.iterdir())
-        logs = logging_root(self.spec, self.name, self.outdir, fresh) / f"{ex.tasks}-tasks"  # completions per split
+        logs = logging_root(self.spec, self.name, ex, self.outdir, fresh) / f"{ex.tasks}-tasks"  # completions per split
         task = StageTask(type(self), self.spec, self.layout.root)
         executor = make_executor(ex, [task], ex.tasks, logs, f"{self.spec.name}-{self.name}")
         run_executors(ex, self.name, [self.name], [executor])

@@ -187,11 +187,10 @@ def check_slurm(partition: str) -> None:
         raise SpecError(f"executor.partition: Slurm has no partition `{partition}` (it has: {', '.join(known)})")
 
 
-def logging_root(spec: Spec, stage: str, outdir: Path, fresh: bool) -> Path:
+def logging_root(spec: Spec, stage: str, ex: ExecutorSpec, outdir: Path, fresh: bool) -> Path:
     """Where `stage`'s datatrove logs and completion files go: WORKDIR/<stage>/logs, or
     <executor.logging_dir>/<name>-<stage> when the executor names one (claimed like a workdir; cleared on a fresh
     start, whose stale completion files would skip work: the marker proves the folder is ours)."""
-    ex = spec.executor if stage == "curate" else spec.stage_executor(stage)
     if not ex.logging_dir:
         return outdir / "logs"
     root = Path(ex.logging_dir) / f"{spec.name}-{stage}"

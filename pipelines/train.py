@@ -12,12 +12,14 @@ import logging
 import math
 import shutil
 import time
+from abc import abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from pipelines.costs import PROMPT_OVERHEAD_TOKENS, Flow, StagePlan, driver_wall, model_size_b, model_str, train_cost
 from pipelines.errors import RunError
-from pipelines.spec import HUMANEVAL_EXEC, FinetuneSpec, PretrainSpec
-from pipelines.stage import Stage
+from pipelines.spec import HUMANEVAL_EXEC, FinetuneSpec, PretrainSpec, Spec
+from pipelines.stage import RunLayout, Stage
 from sdk.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,48 @@ def prune_checkpoints(ckpt_dir: Path) -> None:
 class _TrainStage(Stage):
     """Shared by pretrain and finetune: load the model, train on the pairs, summarise."""
 
+    writes = ("checkpoints/ (DeepSpeed)", "final/ (HF model dir)", "metrics.jsonl")
+
+    @classmethod
+    @abstractmethod
+    def data(cls, spec: Spec, layout: RunLayout, flow: Flow) -> tuple[float, list[str]]:
+        """(pairs it trains on as far as the plan knows, what it reads) for the estimate."""
+
+    @classmethod
+    def estimate(cls, spec: Spec, layout: RunLayout, flow: Flow) -> StagePlan:
+        cfg: PretrainSpec | FinetuneSpec = getattr(spec, cls.section)
+        model_name = cfg.model
+        if model_name is None and spec.pretrain is not None:  # finetune starts from the pretrained RM
+            model_name = spec.pretrain.model
+        size = model_size_b(model_name) if model_name else None
+        n_pairs, reads = cls.data(spec, layout, flow)
+        seq = (
+            min(cfg.max_length_tokens, flow.instr_tokens + flow.response_tokens + PROMPT_OVERHEAD_TOKENS)
+            or cfg.max_length_tokens
+        )
+        if cfg.max_steps:
+            n_pairs, epochs = cfg.max_steps * cfg.micro_batch_pairs * cfg.grad_accum_steps, 1.0
+        else:
+            epochs = cfg.epochs
+        tokens = n_pairs * epochs * 2 * seq
+        gpu, cpu = train_cost(size, tokens)
+        plan = StagePlan(
+            cls.name,
+            reads,
+            [str(layout.stage_dir(cls.name) / w) for w in cls.writes],
+            f"RM {model_str(model_name or 'pretrain/final', size)}, loss {cfg.rm_coef} x ranking + "
+            f"{cfg.lm_coef} x LM, ZeRO-{cfg.zero_stage} {cfg.precision}, {cfg.schedule}, lr {cfg.learning_rate:g}",
+            documents=int(n_pairs),
+            unit="pairs",
+            train_tokens=int(tokens),
+            gpu_hours=gpu,
+            cpu_hours=cpu,
+        )
+        if not n_pairs:
+            plan.notes.append("pair count unknown until the data exists")
+        driver_wall(spec, plan)
+        return plan
+
     def after_step(self, step: int, row: dict[str, float]) -> None:
         """Called by the SDK after every optimizer step (and after that step's checkpoint, if any)."""
         prune_checkpoints(self.outdir / "checkpoints")
@@ -99,6 +143,22 @@ class PretrainStage(_TrainStage):
     """CodePMP pretraining (ranking + LM-on-chosen) on the code pairs -> WORKDIR/pretrain/final."""
 
     name = "pretrain"
+    section = "pretrain"
+    reads = ("pretrain",)
+    feeds: ClassVar[dict[str, str]] = {
+        "pairs": "pretrain reads WORKDIR/pairs: add a `pairs` section or set pretrain.data"
+    }
+
+    @classmethod
+    def upstream(cls, spec: Spec) -> list[str]:
+        return [] if spec.pretrain and spec.pretrain.data else ["pairs"]
+
+    @classmethod
+    def data(cls, spec: Spec, layout: RunLayout, flow: Flow) -> tuple[float, list[str]]:
+        assert spec.pretrain is not None
+        if spec.pretrain.data is not None:
+            return 0, [spec.pretrain.data]
+        return flow.train_pairs, [str(layout.stage_dir("pairs") / PAIRS_GLOB)]
 
     def run(self) -> dict[str, Any]:
         section = self.spec.pretrain
@@ -112,6 +172,23 @@ class FinetuneStage(_TrainStage):
     """Finetuning (ranking loss) on reasoning preference pairs, from the pretrained model by default."""
 
     name = "finetune"
+    section = "finetune"
+    reads = ("finetune",)
+    feeds: ClassVar[dict[str, str]] = {
+        "pretrain": "finetune starts from the pretrained model: add `pretrain` or set finetune.model"
+    }
+
+    @classmethod
+    def upstream(cls, spec: Spec) -> list[str]:
+        return [] if spec.finetune and spec.finetune.model else ["pretrain"]
+
+    @classmethod
+    def data(cls, spec: Spec, layout: RunLayout, flow: Flow) -> tuple[float, list[str]]:
+        cfg = spec.finetune
+        assert cfg is not None
+        built = cfg.humaneval_exec
+        reads = [cfg.data] + ([str(layout.stage_dir("pretrain") / "final")] if not cfg.model else [])
+        return (built.problems * built.max_pairs_per_problem if built else 0), reads
 
     def run(self) -> dict[str, Any]:
         section = self.spec.finetune

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from sdk.model import RewardModel
 
 TRAIN_MARKER = "codepmp-train.json"
-STAGE_RECORD = "_stage.json"  # `pipelines.runner.RECORD`: the runner made the dir and guards it
+STAGE_RECORD = "_stage.json"  # `pipelines.stage.RECORD`: the runner made the dir and guards it
 OUTPUTS = ("checkpoints", "ladder", "final", "metrics.jsonl", "data_summary.json", TRAIN_MARKER)
 
 

@@ -104,13 +104,6 @@ def test_command_line_mistakes_exit_2(tmp_path: Path):
     assert both.exit_code == 2 and "either --only or --until" in both.output
 
 
-def test_run_reports_a_stage_that_is_not_built_yet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(runner, "STAGE_IMPLS", {})
-    result = invoke("run", str(REPO / "specs" / "ci_small.yaml"), "--workdir", str(tmp_path / "run"))
-    assert result.exit_code == 1
-    assert "stage `curate` is not available" in result.output
-
-
 def test_console_script_exit_codes_in_a_real_process(tmp_path: Path):
     """Exit codes and stderr as a shell sees them (not only through click's test runner)."""
     bad = tmp_path / "bad.yaml"

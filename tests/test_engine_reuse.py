@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 import pytest
 
 from pipelines import engine as engine_module
-from pipelines import runner
+from pipelines import runner, stages
 from pipelines.engine import Generator, close_idle, leave_idle, open_generator
-from pipelines.spec import STAGES, ModelSpec, load_spec
+from pipelines.spec import ModelSpec, load_spec
 from pipelines.stage import Stage
 
 A, B = ModelSpec(name="model-a"), ModelSpec(name="model-b")
@@ -79,10 +79,11 @@ def test_the_runner_keeps_an_engine_only_for_the_next_stage_that_loads_it_first(
     events: list[str], strong: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     models = {"describe": (A,), "generate": (strong, ModelSpec(name="weak"))}
-    classes = {
-        name: type(f"{name}Stage", (EngineStage,), {"name": name, "models": models.get(name, ())}) for name in STAGES
-    }
-    monkeypatch.setattr(runner, "load_stage", lambda name: classes[name])
+    fakes = tuple(
+        type(f"{cls.__name__}Engines", (EngineStage, cls), {"models": models.get(cls.name, ())})
+        for cls in stages.PIPELINE
+    )
+    monkeypatch.setattr(stages, "PIPELINE", fakes)
     EngineStage.got = []
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(

@@ -11,12 +11,22 @@ import logging
 import shutil
 from typing import Any
 
+from pipelines.costs import (
+    BYTES_PER_TOKEN,
+    CURATE_KEEP,
+    CURATE_MB_PER_CORE_S,
+    Flow,
+    StagePlan,
+    cores_wall,
+    enabled_filters,
+    source_size,
+)
 from pipelines.curate.listing import build_listing, read_listing_summary
 from pipelines.curate.pipeline import CurateLayout, build_executors, build_steps
 from pipelines.curate.stats import build_stats, render_summary
 from pipelines.errors import RunError, SpecError
-from pipelines.spec import LocalSource
-from pipelines.stage import Stage
+from pipelines.spec import LocalExecutor, LocalSource, RayExecutor, SlurmExecutor, Spec
+from pipelines.stage import RunLayout, Stage
 from pipelines.tasks import logging_root, run_executors
 from sdk.fileio import atomic_write_json
 
@@ -29,12 +39,53 @@ class CurateStage(Stage):
     """GitHub-style code -> filtered, exact- and near-deduplicated files in WORKDIR/curate/output/."""
 
     name = "curate"
+    section = "source"
+    reads = ("source", "filters", "dedup", "executor")
+    writes = ("output/*.jsonl.gz", "stats.json", "logs/ (datatrove completions)")
+
+    @classmethod
+    def executor(cls, spec: Spec) -> LocalExecutor | SlurmExecutor | RayExecutor:
+        return spec.executor
+
+    @classmethod
+    def estimate(cls, spec: Spec, layout: RunLayout, flow: Flow) -> StagePlan:
+        source = spec.source
+        assert source is not None
+        n_docs, share, nbytes, how = source_size(spec)
+        where = getattr(source, "paths", None) or [getattr(source, "dataset", "")]
+        flow.mean_tokens = nbytes / BYTES_PER_TOKEN / max(n_docs * share, 1)
+        flow.docs = n_docs * share * CURATE_KEEP
+        flow.shards = spec.executor.tasks  # one output shard per task
+        dedup = [n for n in ("exact", "minhash") if getattr(spec.dedup, n).enabled]
+        mh = spec.dedup.minhash
+        detail = f"{source.kind} source -> {enabled_filters(spec)} filters -> dedup {'+'.join(dedup) or 'off'}" + (
+            f" (minhash {mh.buckets}x{mh.hashes_per_bucket}, threshold ~{mh.similarity_threshold:.2f})"
+            if mh.enabled
+            else ""
+        )
+        reads = (
+            f"{source.kind}: {', '.join(map(str, where))} ({n_docs:,} files read, ~{n_docs * share:,.0f} "
+            f"({nbytes / 1e6:,.1f} MB) within the size filter; {how})"
+        )
+        plan = StagePlan(
+            cls.name,
+            [reads],
+            [str(layout.stage_dir(cls.name) / w) for w in cls.writes],
+            detail,
+            documents=int(flow.docs),
+            input_tokens=int(nbytes / BYTES_PER_TOKEN),
+            cpu_hours=nbytes / 1e6 / CURATE_MB_PER_CORE_S / 3600,
+        )
+        cores_wall(spec.executor, plan)
+        return plan
 
     def run(self) -> dict[str, Any]:
         if self.spec.source is None:
             raise RunError("curate needs a `source` section in the spec")
         resuming = (self.outdir / "work").exists()
-        layout = CurateLayout(self.outdir, logging_root(self.spec, self.name, self.outdir, fresh=not resuming))
+        layout = CurateLayout(
+            self.outdir, logging_root(self.spec, self.name, self.spec.executor, self.outdir, fresh=not resuming)
+        )
         listing = self._listing(layout, resuming)
         steps = build_steps(self.spec, layout)
         executors = build_executors(self.spec, steps, layout)

@@ -10,10 +10,11 @@ from its inputs on every run, so a rerun after a crash is a clean redo.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from pipelines.costs import PAIR_KEEP, Flow, StagePlan
 from pipelines.errors import RunError
 from pipelines.pairs.balance import (
     apply_language_quotas,
@@ -27,9 +28,8 @@ from pipelines.pairs.extract import parses
 from pipelines.pairs.inputs import Candidate, ReadStats, input_files, read_candidates
 from pipelines.pairs.report import DropLog, write_card, write_manifest
 from pipelines.pairs.writer import SCHEMA, clear_outputs, write_split
-from pipelines.runner import read_record
-from pipelines.spec import PairsSpec
-from pipelines.stage import Stage
+from pipelines.spec import PairsSpec, Spec
+from pipelines.stage import RunLayout, Stage, read_record
 
 LANGUAGE_QUOTA = "language_quota"
 LENGTH_BIAS = "length_bias"
@@ -84,6 +84,36 @@ class PairsStage(Stage):
     """Checks, balances and writes the preference pairs (DESIGN.md §4: WORKDIR/pairs)."""
 
     name = "pairs"
+    section = "pairs"
+    reads = ("pairs",)
+    writes = ("train-*.parquet", "heldout-*.parquet", "manifest.json", "README.md (dataset card)")
+    feeds: ClassVar[dict[str, str]] = {"generate": "pairs reads WORKDIR/generate: add a `generate` section"}
+
+    @classmethod
+    def upstream(cls, spec: Spec) -> list[str]:
+        return ["generate"]
+
+    @classmethod
+    def estimate(cls, spec: Spec, layout: RunLayout, flow: Flow) -> StagePlan:
+        cfg = spec.pairs
+        assert cfg is not None
+        pairs = flow.docs * PAIR_KEEP
+        flow.heldout_pairs = pairs * cfg.shards.heldout_fraction
+        flow.train_pairs = pairs - flow.heldout_pairs
+        shards = max(1, -(-int(flow.train_pairs) // cfg.shards.rows_per_shard))
+        outputs = [str(layout.stage_dir(cls.name) / w) for w in cls.writes]
+        outputs[0] += f" (~{shards:,} shards)"
+        plan = StagePlan(
+            cls.name,
+            [str(layout.stage_dir("generate") / "output")],
+            outputs,
+            f"checks + balancing (length-bias target {cfg.balance.length_bias_target or 'off'}), "
+            f"{cfg.shards.rows_per_shard:,} rows/shard",
+            documents=int(pairs),
+            unit="pairs",
+        )
+        plan.wall_basis = "one process here, CPU checks (not estimated)"
+        return plan
 
     @property
     def config(self) -> PairsSpec:
