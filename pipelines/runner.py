@@ -28,6 +28,7 @@ from pipelines.report import stage_records, write_report
 from pipelines.spec import Spec, dump_resolved
 from pipelines.stage import MARKER, RECORD, RunLayout, Stage, claim_dir, read_record
 from pipelines.stages import check_inputs, declared, declared_names, stage_class
+from pipelines.tasks import check_executor
 from sdk.fileio import atomic_write_json, atomic_write_text
 
 LOCK = ".lock"
@@ -304,6 +305,9 @@ def _run_one(
 ) -> dict[str, Any]:
     stage = decision.stage
     outdir = layout.stage_dir(stage)
+    ex = cls.executor(spec)
+    if ex is not None:
+        check_executor(ex)  # an unknown partition or an unreachable cluster: one error, before anything is written
     if decision.action == "start" and outdir.exists():
         if any(p.name != RECORD for p in outdir.iterdir()):
             log.info(f"  discarding previous {stage} outputs in {outdir}")

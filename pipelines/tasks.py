@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 ExecutorSpec = LocalExecutor | SlurmExecutor | RayExecutor
 log = logging.getLogger(__name__)
 
+RAY_PROBE_S = 10.0  # seconds to wait for a Ray cluster's port before calling it unreachable
 SLURM_POLL_S = float(os.environ.get("CODEPMP_SLURM_POLL_S", 60))  # seconds between queue checks; tests use 1
 
 
@@ -156,13 +158,41 @@ def _raise_if_a_step_failed(label: str, names: Sequence[str], executors: Sequenc
         )
 
 
-def _init_ray(address: str | None) -> None:
+def check_executor(ex: ExecutorSpec) -> None:
+    """Before a stage writes anything: the cluster its executor names is there (one `error:` line if not)."""
+    if isinstance(ex, SlurmExecutor):
+        check_slurm(ex.partition)
+    elif isinstance(ex, RayExecutor):
+        check_ray(ex.address)
+
+
+def check_ray(address: str | None) -> None:
+    """Ray is installed, and a cluster `address` names answers on its port.
+
+    Ray's own client retries an unreachable address for minutes before giving up, so the port is probed first
+    (ray://host:port is the Ray Client port; "auto" and null are resolved by Ray itself on this machine).
+    """
     try:
-        import ray
+        import ray  # noqa: F401
     except ImportError:
         raise RunError("executor.kind=ray needs Ray: pip install 'ray[default]'") from None
+    if address in (None, "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"executor.address {address}: expected host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_PROBE_S).close()
+    except OSError as exc:
+        raise RunError(f"executor.address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
     if ray.is_initialized():
         return
+    check_ray(address)
     try:
         ray.init(address=address)
     except ConnectionError as exc:

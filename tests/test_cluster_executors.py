@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -146,3 +147,15 @@ def test_ray_curate_matches_local(tmp_path: Path, local_output: dict[str, bytes]
     pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     proc = _curate(tmp_path, "{kind: ray, tasks: 2, workers: 2, cpus_per_task: 1, mem_per_cpu_gb: 1}")
     assert _output(tmp_path, proc) == local_output
+
+
+def test_unreachable_ray_cluster_is_one_clear_error_before_anything_is_written(tmp_path: Path) -> None:
+    """Ray's client retries a dead address for minutes (measured: still waiting after 5 min): the port is probed
+    first, so the run stops within seconds, naming the address, and curate has not started."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    with socket.socket() as probe:  # a port nothing listens on: bound, then released
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = _curate(tmp_path, f"{{kind: ray, address: '127.0.0.1:{port}'}}", timeout=120)
+    assert _one_error_line(proc).startswith(f"error: executor.address 127.0.0.1:{port}: no Ray cluster answers")
+    assert not (tmp_path / "run" / "curate").exists()
