@@ -12,6 +12,7 @@ task (its index and log folder), a task that raised (its logs).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -150,12 +151,22 @@ def _raise_if_a_step_failed(label: str, names: Sequence[str], executors: Sequenc
         waiting = [j for j, name in queued.items() if name in jobs and int(j) > int(executor.job_id)]
         if waiting:
             subprocess.run(["scancel", *waiting], capture_output=True, check=False)
-        logs = Path(executor.logging_dir.path)
+        failed = "; ".join(f"task {rank}: {_task_log(executor, rank)}" for rank in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise RunError(
-            f"{label} step `{step_names[id(executor)]}` failed on slurm (job {executor.job_id}, task(s) "
-            f"{', '.join(map(str, missing[:10]))} unfinished); its {len(waiting)} dependent job(s) were "
-            f"cancelled; task logs in {logs / 'slurm_logs'}; rerun to resubmit only the unfinished tasks"
+            f"{label} step `{step_names[id(executor)]}` failed on slurm (job {executor.job_id}; {failed}{more}); "
+            f"its {len(waiting)} dependent job(s) were cancelled; rerun to resubmit only the unfinished tasks"
         )
+
+
+def _task_log(executor: SlurmPipelineExecutor, rank: int) -> str:
+    """The Slurm log of task `rank` in the executor's last submission: array element i ran ranks_to_run[i]."""
+    try:
+        with executor.logging_dir.open("ranks_to_run.json", "r") as handle:
+            index = json.load(handle).index(rank)
+    except (OSError, ValueError):
+        return f"log in {executor.slurm_logs_folder}"
+    return f"log {Path(executor.slurm_logs_folder) / f'{executor.job_id}_{index}.out'}"
 
 
 def check_executor(ex: ExecutorSpec) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -140,7 +141,10 @@ def test_slurm_failed_task_is_a_run_error_not_a_hang(
 ) -> None:
     """Every task exits 3 before it starts: the run must stop with an error naming the logs, not poll forever."""
     proc = _curate(tmp_path, _slurm_executor(env_command="exit 3"), env=slurm_cluster, name=job_name, timeout=30)
-    assert "logs" in _one_error_line(proc)
+    line = _one_error_line(proc)
+    match = re.search(r"task (\d+): log (\S+\.out)", line)
+    assert match, line  # the failed array element by its task index, and the file Slurm wrote its output to
+    assert int(match.group(1)) in (0, 1) and Path(match.group(2)).is_file(), line
 
 
 def test_ray_curate_matches_local(tmp_path: Path, local_output: dict[str, bytes]) -> None:
