@@ -63,6 +63,8 @@ def fit_code(generator: Generator, cfg: DescribeSpec, doc: dict[str, Any]) -> tu
 
 
 class DescribeStage(TaskStage):
+    """The describer LLM writes an instruction for each curated file (one vLLM engine per task)."""
+
     name = "describe"
     section = "describe"
     reads = ("describe",)

@@ -35,6 +35,8 @@ def generation_prompt(template: str, record: dict[str, Any]) -> str:
 
 
 class GenerateStage(TaskStage):
+    """The strong and the weak model each answer every instruction (one engine per task, one model at a time)."""
+
     name = "generate"
     section = "generate"
     reads = ("generate",)
