@@ -4,7 +4,10 @@ Reads the model (`evaluate.model`, else `WORKDIR/finetune/final` when the spec f
 `WORKDIR/pretrain/final`) and the held-out pairs (`evaluate.heldout`, else `WORKDIR/pairs/heldout-*.parquet`).
 Writes `WORKDIR/evaluate/results.json` and a PNG of each BoN curve (`bon_humaneval.png`, `bon_math.png`).
 
-Resumable: HumanEval samples (`samples/requests.jsonl`, one request per sample) and execution labels
+Best-of-N samples are drawn by datatrove tasks on `evaluate.executor` (else the top-level executor): problems
+go in units of UNIT_PROBLEMS, unit i to task i mod tasks, each unit into `samples/unit-<i>.jsonl`.
+
+Resumable: HumanEval samples (one request per sample, per unit) and execution labels
 (`samples/exec.jsonl`) are appended as they finish, and reward scores are saved (`scores.json`) once
 computed, so a rerun after a kill pays only for the work that was not finished. Samples are drawn before
 the reward model is loaded, so the generator and the reward model never hold memory at the same time.
@@ -15,20 +18,23 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipelines.costs import HUMANEVAL_PROBLEMS, Flow, StagePlan, driver_wall, gen_plan, model_str
+from pipelines.costs import HUMANEVAL_PROBLEMS, Flow, StagePlan, driver_wall, gen_plan, model_str, task_wall
+from pipelines.engine import close_idle
 from pipelines.errors import RunError
-from pipelines.spec import Spec
-from pipelines.stage import RunLayout, Stage
+from pipelines.spec import LocalExecutor, RayExecutor, SlurmExecutor, Spec
+from pipelines.stage import DistributedStage, RunLayout
 from sdk import sandbox
 from sdk.fileio import atomic_write_json
 
+UNIT_PROBLEMS = 8  # Best-of-N problems per sampling unit (164 HumanEval problems: 21 units to share out)
 MATH_DRAWS = 20  # draws for the math curves when the spec has no best_of_n section to take them from
 
 
-class EvaluateStage(Stage):
+class EvaluateStage(DistributedStage):
     """Held-out pair accuracy, Best-of-N on HumanEval and math curves for the trained reward model."""
 
     name = "evaluate"
@@ -53,6 +59,11 @@ class EvaluateStage(Stage):
         return needs
 
     @classmethod
+    def executor(cls, spec: Spec) -> LocalExecutor | SlurmExecutor | RayExecutor | None:
+        """Best-of-N sampling runs as tasks (one engine each); without it, everything runs in the driver."""
+        return super().executor(spec) if spec.evaluate and spec.evaluate.best_of_n else None
+
+    @classmethod
     def estimate(cls, spec: Spec, layout: RunLayout, flow: Flow) -> StagePlan:
         cfg = spec.evaluate
         assert cfg is not None
@@ -69,7 +80,12 @@ class EvaluateStage(Stage):
             )
             plan.input_tokens, plan.generated_tokens = int(pt), int(nt)
             plan.gpu_hours, plan.cpu_hours = gpu, cpu
-        driver_wall(spec, plan)
+            where = "evaluate.executor" if cfg.executor is not None else "executor"
+            units = math.ceil(problems / UNIT_PROBLEMS)
+            split = f"units of {UNIT_PROBLEMS} problems ({{shards:,}}); fewer tasks are enough,"
+            task_wall(plan, cls.executor(spec), where, [bon.generator.model], units, split)  # the sampling
+        else:
+            driver_wall(spec, plan)
         return plan
 
     def run(self) -> dict[str, Any]:
@@ -81,7 +97,10 @@ class EvaluateStage(Stage):
         problems, replies = [], {}
         if bon is not None:
             problems = he.load_problems(bon.problems)
-            replies = he.sample(problems, bon.generator, bon.k, self.outdir / "samples" / "requests.jsonl")
+            self.run_tasks()  # the samples, a task per share of the problems; then read back from their caches
+            for index, unit in enumerate(sample_units(problems)):
+                replies |= he.sample(unit, bon.generator, bon.k, self.sample_cache(index))
+            close_idle()  # an engine a task left in this process: the reward model comes next
 
         from sdk import RewardModel
         from sdk.evaluation import evaluate_math, heldout_accuracy, humaneval_bon, plot_bon
@@ -126,6 +145,21 @@ class EvaluateStage(Stage):
         atomic_write_json(self.outdir / "results.json", results)
         return summary
 
+    def run_task(self, rank: int, world_size: int) -> None:
+        """Sample the units `[rank::world_size]`, each into its own request cache (named after the unit, so the
+        samples are the same files whatever the number of tasks); one engine serves all of the task's units."""
+        from sdk import humaneval as he
+
+        cfg = self.spec.evaluate
+        assert cfg is not None and cfg.best_of_n is not None
+        bon = cfg.best_of_n
+        units = list(enumerate(sample_units(he.load_problems(bon.problems))))
+        for index, unit in units[rank::world_size]:
+            he.sample(unit, bon.generator, bon.k, self.sample_cache(index), desc=f"evaluate unit {index}")
+
+    def sample_cache(self, unit: int) -> Path:
+        return self.outdir / "samples" / f"unit-{unit:05d}.jsonl"
+
     def model_path(self) -> str:
         """The reward model to evaluate: the spec's, else the last trained one."""
         cfg = self.spec.evaluate
@@ -162,6 +196,11 @@ class EvaluateStage(Stage):
         scores = score_replies(problems, replies, rm)
         atomic_write_json(path, {"key": key, "scores": scores})
         return scores
+
+
+def sample_units(problems: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Problems in runs of UNIT_PROBLEMS: a task's unit of work, one vLLM batch of UNIT_PROBLEMS x k requests."""
+    return [problems[i : i + UNIT_PROBLEMS] for i in range(0, len(problems), UNIT_PROBLEMS)]
 
 
 def _weights_stamp(model_path: str) -> list[Any]:

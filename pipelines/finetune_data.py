@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pipelines.engine import close_idle
 from pipelines.errors import RunError
 from pipelines.spec import HumanEvalExecSpec
 from sdk.fileio import atomic_path, atomic_write_json
@@ -104,6 +105,7 @@ def build_humaneval_exec(cfg: HumanEvalExecSpec, outdir: Path) -> tuple[Path, di
     problems = humaneval.load_problems(cfg.problems, from_end=True)
     by_id = {p["task_id"]: p for p in problems}
     replies = humaneval.sample(problems, cfg.generator, cfg.k, outdir / SAMPLES, desc="humaneval-exec: sample")
+    close_idle()  # the sampling engine: training comes next
     candidates = []
     for p in problems:
         tid = p["task_id"]

@@ -575,6 +575,9 @@ class EvaluateSpec(StrictModel):
     heldout: SpecPath | None = Field(None, description="Pairs path/glob; default: WORKDIR/pairs/heldout-*.parquet.")
     best_of_n: BestOfNSpec | None = None
     math_data: SpecPath | None = Field(None, description="jsonl of question/answer/candidates, checked by math-verify.")
+    executor: Executor | None = Field(
+        None, description="Where Best-of-N sampling runs (a task per share of the problems); " + STAGE_EXECUTOR_DOC
+    )
 
 
 # --------------------------------------------------------------------------- root

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pipelines.errors import SpecError
+from pipelines.errors import RunError, SpecError
 from pipelines.spec import LocalExecutor, ModelSpec, RayExecutor, SlurmExecutor, Spec
 from sdk.fileio import atomic_write_json, is_empty_dir, precious_dirs
 
@@ -139,7 +139,47 @@ def claim_dir(root: Path, label: str, marker: str = MARKER) -> None:
         raise SpecError(f"{label} {root}: cannot write there ({exc.strerror or exc})") from None
 
 
-class TaskStage(Stage):
+class DistributedStage(Stage):
+    """A stage that runs its work (or part of it) as datatrove tasks on its executor: its own `executor` override,
+    else the top-level one. Each task calls `run_task(rank, world_size)` in its own process (one vLLM engine per
+    task); `run_tasks` starts them and waits."""
+
+    @classmethod
+    def executor(cls, spec: Spec) -> LocalExecutor | SlurmExecutor | RayExecutor | None:
+        """The stage's own `executor` override, else the top-level one."""
+        own = getattr(getattr(spec, cls.section), "executor", None)
+        return own if own is not None else spec.executor
+
+    @classmethod
+    def sections(cls, spec: Spec) -> dict[str, Any]:
+        """Its own section without its `executor`: the outputs do not depend on where or in how many tasks it
+        ran (per-request seeds, a split by input unit, outputs named after inputs), so moving it to another
+        cluster or task count resumes its finished work instead of discarding it."""
+        sections = super().sections(spec)
+        if sections[cls.section] is not None:
+            sections[cls.section].pop("executor", None)
+        return sections
+
+    @abstractmethod
+    def run_task(self, rank: int, world_size: int) -> None:
+        """Do (or resume) this task's share of the units, `units[rank::world_size]`."""
+
+    def run_tasks(self) -> Path:
+        """Start the tasks on the stage's executor and wait for them; returns where their logs are."""
+        from pipelines.tasks import StageTask, logging_root, make_executor, run_executors
+
+        ex = self.executor(self.spec)
+        assert ex is not None
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        fresh = not any(p.name != "_stage.json" for p in self.outdir.iterdir())
+        logs = logging_root(self.spec, self.name, ex, self.outdir, fresh) / f"{ex.tasks}-tasks"  # completions per split
+        task = StageTask(type(self), self.spec, self.layout.root)
+        executor = make_executor(ex, [task], ex.tasks, logs, f"{self.spec.name}-{self.name}")
+        run_executors(ex, self.name, [self.name], [executor])
+        return logs
+
+
+class TaskStage(DistributedStage):
     """A stage whose work is split into datatrove tasks, each taking whole input shards (shard i goes to task
     i mod tasks): a stable split that keeps every output named after its input, so the output is the same
     whatever the number of tasks. The driver (`run`) starts the tasks on the stage's executor, checks that every
@@ -154,19 +194,9 @@ class TaskStage(Stage):
 
     @classmethod
     def executor(cls, spec: Spec) -> LocalExecutor | SlurmExecutor | RayExecutor:
-        """The stage's own `executor` override, else the top-level one."""
-        own = getattr(getattr(spec, cls.section), "executor", None)
-        return own if own is not None else spec.executor
-
-    @classmethod
-    def sections(cls, spec: Spec) -> dict[str, Any]:
-        """Its own section without its `executor`: the outputs do not depend on where or in how many tasks it
-        ran (per-request seeds, a split by input shard, outputs named after inputs), so moving it to another
-        cluster or task count resumes its finished work instead of discarding it."""
-        sections = super().sections(spec)
-        if sections[cls.section] is not None:
-            sections[cls.section].pop("executor", None)
-        return sections
+        ex = super().executor(spec)
+        assert ex is not None
+        return ex
 
     def inputs(self) -> list[Path]:
         """The upstream stage's output shards, in name order."""
@@ -175,23 +205,11 @@ class TaskStage(Stage):
     def done_marker(self, shard: Path) -> Path:
         return self.outdir / "done" / (shard.name.removesuffix(".jsonl.gz") + ".json")
 
-    @abstractmethod
-    def run_task(self, rank: int, world_size: int) -> None:
-        """Do (or resume) the unfinished input shards `inputs()[rank::world_size]`, each ending in its marker."""
-
     def run(self) -> dict[str, Any]:
-        from pipelines.errors import RunError
-        from pipelines.tasks import StageTask, logging_root, make_executor, run_executors
-
         inputs = self.inputs()
         if not inputs:
             raise RunError(f"{self.name}: no input shards in {self.layout.stage_dir(self.input_stage) / 'output'}")
-        ex = self.executor(self.spec)
-        fresh = not any(p.name != "_stage.json" for p in self.outdir.iterdir())
-        logs = logging_root(self.spec, self.name, ex, self.outdir, fresh) / f"{ex.tasks}-tasks"  # completions per split
-        task = StageTask(type(self), self.spec, self.layout.root)
-        executor = make_executor(ex, [task], ex.tasks, logs, f"{self.spec.name}-{self.name}")
-        run_executors(ex, self.name, [self.name], [executor])
+        logs = self.run_tasks()
         unfinished = [p.name for p in inputs if not self.done_marker(p).is_file()]
         if unfinished:
             raise RunError(

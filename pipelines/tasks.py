@@ -34,7 +34,7 @@ from pipelines.spec import LocalExecutor, RayExecutor, SlurmExecutor, Spec
 from pipelines.stage import RunLayout, claim_dir
 
 if TYPE_CHECKING:
-    from pipelines.stage import TaskStage
+    from pipelines.stage import DistributedStage
 
 ExecutorSpec = LocalExecutor | SlurmExecutor | RayExecutor
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class StageTask(PipelineStep):
     name = "codepmp task"
     type = "🤖 - GENERATION"
 
-    def __init__(self, stage: type[TaskStage], spec: Spec, root: Path) -> None:
+    def __init__(self, stage: type[DistributedStage], spec: Spec, root: Path) -> None:
         super().__init__()
         self.stage, self.spec, self.root = stage, spec, root
 

@@ -145,7 +145,8 @@ def sample(
     (a CLI entry point or under `if __name__ == "__main__"`).
 
     Each sample is its own request with its own seed (`pipelines.engine.request_seed`), so samples do not
-    depend on k or on which other requests share a batch.
+    depend on k or on which other requests share a batch. The engine is left idle (`pipelines.engine.leave_idle`)
+    so that consecutive calls on the same model load it once; call `close_idle()` before other heavy work.
     """
     from pipelines.engine import RequestCache
 
@@ -158,10 +159,10 @@ def sample(
 
 
 def _generate(problems, generator, cache, rids, desc) -> dict:
-    from pipelines.engine import Generator, Request
+    from pipelines.engine import Request, leave_idle, open_generator
 
     sampling = generator.sampling.model_copy(update={"n": 1})
-    engine = Generator(generator.model)
+    engine = open_generator(generator.model)
     try:
         budget = engine.max_model_len - sampling.max_new_tokens
         requests = []
@@ -175,4 +176,4 @@ def _generate(problems, generator, cache, rids, desc) -> dict:
             requests += [Request(rid, ids) for rid in rids[p["task_id"]]]
         return engine.run(requests, sampling, cache, desc=f"{desc} ({engine.label})")
     finally:
-        engine.close()
+        leave_idle(engine)

@@ -81,7 +81,7 @@ def _setup(tmp_path: Path, tiny_rm_dir: Path, problems: int = 3, k: int = 4) -> 
     layout = RunLayout(tmp_path / "run")
     stage = EvaluateStage(spec, layout)
     chosen = he.load_problems(problems)
-    cache = RequestCache(stage.outdir / "samples" / "requests.jsonl")  # what vLLM would have written
+    cache = RequestCache(stage.sample_cache(0))  # what vLLM would have written (one unit: up to 8 problems)
     for p in chosen:
         for rid, text in zip(he.request_ids(p, spec.evaluate.best_of_n.generator, k), _replies(p), strict=True):
             cache.append(rid, [{"text": text, "finish_reason": "stop", "tokens": 1}])
@@ -160,6 +160,28 @@ def test_rerun_after_a_kill_executes_only_unlabelled_programs(tmp_path, tiny_rm_
     stage.run()
 
 
+def test_sampling_units_go_to_tasks_by_index_whatever_the_task_count(tmp_path, tiny_rm_dir, monkeypatch):
+    """20 problems = units of 8, 8 and 4; task r of w samples units r::w into files named after the unit."""
+    stage, _ = _setup(tmp_path, tiny_rm_dir, problems=20)
+    calls: list[tuple[int, list[str], str]] = []
+    monkeypatch.setattr(
+        he, "sample", lambda unit, gen, k, cache, desc="": calls.append((k, [p["task_id"] for p in unit], cache.name))
+    )
+    split = {}
+    for world in (1, 2, 3):
+        calls.clear()
+        for rank in range(world):
+            stage.run_task(rank, world)
+            split[world, rank] = [name for _, _, name in calls]
+            calls.clear()
+    names = ["unit-00000.jsonl", "unit-00001.jsonl", "unit-00002.jsonl"]
+    assert split[1, 0] == names
+    assert (split[2, 0], split[2, 1]) == ([names[0], names[2]], [names[1]])
+    assert [split[3, r] for r in range(3)] == [[n] for n in names]
+    stage.run_task(1, 3)
+    assert calls == [(4, [f"HumanEval/{i}" for i in range(8, 16)], names[1])]
+
+
 def test_default_model_is_the_last_trained_one(tmp_path):
     spec = validate_spec(
         {
@@ -226,10 +248,11 @@ def test_codepmp_run_only_evaluate_with_the_bundled_model(tmp_path):
                     "sampling": {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 128, "seed": 0},
                 },
                 "k": 2,
-                "problems": 3,
+                "problems": 9,  # two sampling units (8 + 1), one per task
                 "draws": 5,
                 "sandbox": {"timeout_s": 5, "memory_mb": 512},
             },
+            "executor": {"kind": "local", "tasks": 2, "workers": 1},
         },
     }
     spec_path = tmp_path / "spec.yaml"
@@ -249,17 +272,21 @@ def test_codepmp_run_only_evaluate_with_the_bundled_model(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((workdir / "evaluate" / "results.json").read_text())
     bon = results["humaneval"]
-    assert bon["problems"] == 3 and bon["k"] == 2 and sum(bon["statuses"].values()) == 6
+    assert bon["problems"] == 9 and bon["k"] == 2 and sum(bon["statuses"].values()) == 18
     assert bon["curve"]["n"] == [1, 2]
     assert results["heldout"]["n"] == 8
     assert (workdir / "evaluate" / "bon_humaneval.png").read_bytes()[:8] == PNG_MAGIC
-    samples = RequestCache(workdir / "evaluate" / "samples" / "requests.jsonl").load()
-    assert len(samples) == 6
+    units = sorted((workdir / "evaluate" / "samples").glob("unit-*.jsonl"))
+    assert [p.name for p in units] == ["unit-00000.jsonl", "unit-00001.jsonl"]
+    assert [len(RequestCache(p).load()) for p in units] == [16, 2]
+    completions = workdir / "evaluate" / "logs" / "2-tasks" / "completions"
+    assert sorted(p.name for p in completions.iterdir()) == ["00000", "00001"]
+    assert "evaluate unit 1 (smollm2" in proc.stderr  # the sampling progress bar: absent when resuming below
 
     # a rerun with the stage's record reset resumes from the caches: no model is loaded for sampling
     record = workdir / "evaluate" / "_stage.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "status": "running"}))
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resume" in again.stdout and "humaneval (smollm2" not in again.stderr
+    assert "resume" in again.stdout and "evaluate unit" not in again.stderr
     assert json.loads((workdir / "evaluate" / "results.json").read_text())["humaneval"]["curve"] == bon["curve"]

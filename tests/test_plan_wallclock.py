@@ -29,6 +29,8 @@ def test_paper_plan_has_a_positive_wall_clock_per_stage(tmp_path: Path):
     # describe/generate run 64 one-GPU tasks at once: their wall clock is their GPU-hours over 64
     for name in ("describe", "generate"):
         assert stages[name].wall_hours == pytest.approx(stages[name].gpu_hours / 64)
+    # Best-of-N sampling: 164 problems in 21 units of 8, one one-GPU task each
+    assert stages["evaluate"].wall_hours == pytest.approx(stages["evaluate"].gpu_hours / 21)
     # training runs as one process on one GPU, said in a note
     assert stages["pretrain"].wall_hours == pytest.approx(stages["pretrain"].gpu_hours)
     assert any("one GPU" in n for n in stages["pretrain"].notes)
@@ -79,3 +81,10 @@ def test_render_and_json_show_the_wall_clock(tmp_path: Path):
     assert "wall clock ~" in text and f"warning: 2,000 of 4,000 tasks {IDLE}" in text
     data = plan_as_dict(spec, tmp_path, plans)
     assert data["totals"]["wall_hours"] == pytest.approx(sum(s["wall_hours"] for s in data["stages"]))
+
+
+def test_evaluate_tasks_beyond_its_sampling_units_are_warned(tmp_path: Path):
+    over = plan(tmp_path, "evaluate.executor.tasks=40", "evaluate.executor.workers=-1")["evaluate"]
+    (warning,) = idle_warnings(over)
+    assert "19 of 40 tasks" in warning and "units of 8 problems (21)" in warning
+    assert over.wall_hours == pytest.approx(over.gpu_hours / 21)
