@@ -505,6 +505,9 @@ class PairsSpec(StrictModel):
     checks: PairChecks = Field(default_factory=PairChecks)
     balance: PairBalance = Field(default_factory=PairBalance)
     shards: PairShards = Field(default_factory=PairShards)
+    executor: Executor | None = Field(
+        None, description="Where the checks run (a task per share of the generate shards); " + STAGE_EXECUTOR_DOC
+    )
 
 
 # --------------------------------------------------------------------------- training and evaluation

@@ -13,6 +13,7 @@ import pytest
 from pipelines import runner
 from pipelines.errors import DataError, RunError
 from pipelines.pairs import PairsStage
+from pipelines.pairs import stage as stage_module
 from pipelines.pairs.writer import COLUMNS
 from tests.pairs_helpers import STRONG_REPLY, WEAK_REPLY, layout, make_spec, pool, record, write_generate
 
@@ -206,3 +207,57 @@ def test_runner_runs_the_stage_and_records_its_summary(tmp_path: Path) -> None:
     assert result["status"] == "done" and result["summary"]["pairs"] == 26
     manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
     assert manifest["stages"]["generate"] == {"out": 30}
+
+
+# --------------------------------------------------------------------------- pass 1 as datatrove tasks
+
+
+def _outputs(outdir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(outdir.iterdir()) if p.is_file() and p.name != "_stage.json"}
+
+
+def test_any_task_count_writes_the_same_pairs_manifest_and_card(tmp_path: Path) -> None:
+    """Generate shard i is checked by task i mod tasks; the driver merges the shards in name order."""
+    written = {}
+    for tasks in (1, 3):
+        root = tmp_path / f"tasks-{tasks}"
+        write_generate(root, mixed_records() + pool(40, prefix="more"), files=5)
+        spec = make_spec(**NO_BALANCE, executor={"kind": "local", "tasks": tasks, "workers": 1})
+        summary = PairsStage(spec, layout(root)).run()
+        completions = root / "pairs" / "logs" / f"{tasks}-tasks" / "completions"
+        assert len(list(completions.iterdir())) == tasks
+        assert sorted(p.name for p in (root / "pairs" / "checked").glob("*.json")) == [
+            f"{i:05d}.json" for i in range(5)
+        ]
+        written[tasks] = (summary, _outputs(root / "pairs"))
+    assert written[1] == written[3]
+
+
+def test_a_rerun_checks_only_the_shards_not_yet_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_generate(tmp_path, pool(30), files=3)
+    first = run(tmp_path, **NO_BALANCE)
+    before = _outputs(tmp_path / "pairs")
+    # as if killed while checking shard 1: its marker and the task's completion are not there yet
+    (tmp_path / "pairs" / "checked" / "00001.json").unlink()
+    (tmp_path / "pairs" / "logs" / "1-tasks" / "completions" / "00000").unlink()
+    read: list[str] = []
+    real = stage_module.read_candidates
+
+    def reading(files: list[Path], stats: Any) -> Any:
+        read.extend(f.name for f in files)
+        return real(files, stats)
+
+    monkeypatch.setattr(stage_module, "read_candidates", reading)
+    assert run(tmp_path, **NO_BALANCE) == first
+    assert read == ["00001.jsonl.gz"]
+    assert _outputs(tmp_path / "pairs") == before
+
+
+def test_a_pair_in_two_shards_is_kept_once_as_the_first(tmp_path: Path) -> None:
+    records = pool(6)
+    write_generate(tmp_path, [*records, records[0]], files=2)  # doc0000 lands in shards 0 and 1
+    summary = run(tmp_path, balance={"length_bias_target": None}, shards={"heldout_fraction": 0})
+    ids = [row["id"] for row in all_rows(tmp_path / "pairs")]
+    assert sorted(ids) == sorted({r["id"] + "-0" for r in records}) and summary["pairs"] == 6
+    manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
+    assert manifest["drops"]["duplicate_id"] == {"count": 1, "sample_ids": ["doc0000-0"]}

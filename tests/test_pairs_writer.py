@@ -218,13 +218,13 @@ def test_crash_mid_write_leaves_only_complete_shards(tmp_path: Path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         run_stage(tmp_path, **spec)
     outdir = tmp_path / "pairs"
-    assert sorted(p.name for p in outdir.iterdir()) == ["train-00000.parquet"]
+    assert sorted(p.name for p in outdir.iterdir() if p.is_file()) == ["train-00000.parquet"]  # and checked/, logs/
     assert pq.read_table(outdir / "train-00000.parquet").num_rows == 20
 
     monkeypatch.setattr(writer.pq, "write_table", real_write)
     summary = run_stage(tmp_path, **spec)
     assert summary["train"] == 60
-    names = sorted(p.name for p in outdir.iterdir())
+    names = sorted(p.name for p in outdir.iterdir() if p.is_file())
     assert names == ["README.md", "manifest.json", "train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
 
 
@@ -237,7 +237,7 @@ def test_rerun_replaces_stale_outputs_of_an_earlier_attempt(tmp_path: Path) -> N
     (outdir / "_stage.json").write_text("{}")  # the runner's record is not the stage's to remove
     write_generate(tmp_path, pool(30))
     run_stage(tmp_path, balance={"length_bias_target": None}, shards={"heldout_fraction": 0})
-    assert sorted(p.name for p in outdir.iterdir()) == [
+    assert sorted(p.name for p in outdir.iterdir() if p.is_file()) == [
         "README.md",
         "_stage.json",
         "manifest.json",

@@ -139,7 +139,7 @@ def write_manifest(
         },
         "shards": shards,
         "columns": list(COLUMNS),
-        "config": config.model_dump(mode="json"),
+        "config": config.model_dump(mode="json", exclude={"executor"}),  # where it ran does not change the data
     }
     atomic_write_json(outdir / "manifest.json", manifest)
     return manifest

@@ -1,14 +1,18 @@
 """The `pairs` stage: generate output -> checked, balanced preference pairs in parquet shards.
 
-Two passes keep memory at the size of the pair metadata rather than of the texts: pass 1 streams the
-generate shards through the checks and appends survivors to an uncompressed Arrow staging file; the
-balancing decisions (quotas, length bias, split, shuffle) are made on small per-pair keys; pass 2 takes
-each shard's rows from the memory-mapped staging file and writes it. The stage rewrites all its outputs
-from its inputs on every run, so a rerun after a crash is a clean redo.
+Two passes keep memory at the size of the pair metadata rather than of the texts. Pass 1 runs as datatrove
+tasks on `pairs.executor` (else the top-level executor): generate shard i goes to task i mod tasks, which
+streams it through the checks into `checked/<shard>.arrow` (uncompressed Arrow: the survivors) and
+`checked/<shard>.json` (its figures, drops and per-pair keys), its completion marker. The driver then merges the
+shards' keys in name order (whatever the task count: the same keys in the same order), makes the balancing
+decisions (duplicates across shards, quotas, length bias, split, shuffle) on them, and pass 2 takes each output
+shard's rows from the memory-mapped checked files. A rerun checks only the shards without a marker and rewrites
+the final shards, manifest and card.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,15 +30,16 @@ from pipelines.pairs.balance import (
 from pipelines.pairs.checks import REASONS, check_pair
 from pipelines.pairs.extract import parses
 from pipelines.pairs.inputs import Candidate, ReadStats, input_files, read_candidates
-from pipelines.pairs.report import DropLog, write_card, write_manifest
+from pipelines.pairs.report import SAMPLE_IDS, DropLog, write_card, write_manifest
 from pipelines.pairs.writer import SCHEMA, clear_outputs, write_split
 from pipelines.spec import PairsSpec, Spec
-from pipelines.stage import RunLayout, Stage, read_record
+from pipelines.stage import DistributedStage, RunLayout, read_record
+from sdk.fileio import atomic_path, atomic_write_json
 
 LANGUAGE_QUOTA = "language_quota"
 LENGTH_BIAS = "length_bias"
 DUPLICATE = "duplicate_id"
-STAGING = ".checked.arrow.tmp"
+CHECKED = "checked"  # pass 1 output, one .arrow + .json per generate shard
 _BATCH_ROWS = 4096
 UPSTREAM = ("curate", "describe", "generate")
 
@@ -80,13 +85,19 @@ def _key(row: dict[str, Any], index: int) -> dict[str, Any]:
     return key
 
 
-class PairsStage(Stage):
+class PairsStage(DistributedStage):
     """Checks, balances and writes the preference pairs (DESIGN.md §4: WORKDIR/pairs)."""
 
     name = "pairs"
     section = "pairs"
     reads = ("pairs",)
-    writes = ("train-*.parquet", "heldout-*.parquet", "manifest.json", "README.md (dataset card)")
+    writes = (
+        "train-*.parquet",
+        "heldout-*.parquet",
+        "manifest.json",
+        "README.md (dataset card)",
+        f"{CHECKED}/ (pass 1: checked pairs per generate shard)",
+    )
     feeds: ClassVar[dict[str, str]] = {"generate": "pairs reads WORKDIR/generate: add a `generate` section"}
 
     @classmethod
@@ -120,21 +131,60 @@ class PairsStage(Stage):
         return self.spec.pairs or PairsSpec()
 
     def run(self) -> dict[str, Any]:
-        outdir = self.outdir
-        outdir.mkdir(parents=True, exist_ok=True)
-        clear_outputs(outdir)
         files = input_files(self.layout.stage_dir("generate"))
-        staging = outdir / STAGING
-        try:
-            stats, drops, keys = self._check(files, staging)
-            summary = self._balance_and_write(stats, drops, keys, staging)
-        finally:
-            staging.unlink(missing_ok=True)
-        return summary
+        clear_outputs(self.outdir)
+        self.run_tasks()  # pass 1: the checks, a task per share of the generate shards
+        stats, drops, keys, tables = ReadStats(), DropLog((DUPLICATE, *REASONS, LANGUAGE_QUOTA, LENGTH_BIAS)), [], []
+        seen: set[str] = set()
+        for path in files:
+            done = self.checked(path).with_suffix(".json")
+            if not done.is_file():
+                raise RunError(f"pairs: every task finished but {path.name} was not checked; rerun to check it")
+            part = json.loads(done.read_text())
+            for name, value in part["stats"].items():
+                setattr(stats, name, getattr(stats, name) + value)
+            drops.seen += part["seen"]
+            for reason, count in part["drops"].items():
+                drops.counts[reason] += count
+                kept_ids = drops.samples.setdefault(reason, [])
+                kept_ids += part["drop_samples"].get(reason, [])[: SAMPLE_IDS - len(kept_ids)]
+            offset = sum(t.num_rows for t in tables)
+            for key in part["keys"]:
+                if key["id"] in seen:  # the same pair in two shards: the first one stays
+                    drops.add(DUPLICATE, key["id"])
+                    continue
+                seen.add(key["id"])
+                keys.append({**key, "index": offset + key["index"]})
+            tables.append(pa.ipc.open_file(pa.memory_map(str(self.checked(path)), "r")).read_all())
+        return self._balance_and_write(stats, drops, keys, pa.concat_tables(tables) if tables else None)
 
-    def _check(self, files: list[Path], staging: Path) -> tuple[ReadStats, DropLog, list[dict[str, Any]]]:
-        """Pass 1: run every candidate through the checks; survivors go to the staging file."""
-        stats, drops = ReadStats(), DropLog((DUPLICATE, *REASONS, LANGUAGE_QUOTA, LENGTH_BIAS))
+    def checked(self, shard: Path) -> Path:
+        return self.outdir / CHECKED / (shard.name.removesuffix(".jsonl.gz") + ".arrow")
+
+    def run_task(self, rank: int, world_size: int) -> None:
+        """Pass 1 on generate shards `[rank::world_size]`: each one's survivors and figures, written atomically
+        (the .json last: it marks the shard done)."""
+        for path in input_files(self.layout.stage_dir("generate"))[rank::world_size]:
+            done = self.checked(path).with_suffix(".json")
+            if done.is_file():
+                continue
+            done.parent.mkdir(parents=True, exist_ok=True)
+            stats, drops = ReadStats(), DropLog((DUPLICATE, *REASONS))
+            with atomic_path(self.checked(path)) as tmp:
+                keys = self._check([path], tmp, stats, drops)
+            atomic_write_json(
+                done,
+                {
+                    "stats": vars(stats),
+                    "seen": drops.seen,
+                    "drops": dict(drops.counts),
+                    "drop_samples": drops.samples,
+                    "keys": keys,
+                },
+            )
+
+    def _check(self, files: list[Path], staging: Path, stats: ReadStats, drops: DropLog) -> list[dict[str, Any]]:
+        """Run every candidate through the checks; survivors go to the staging file, their keys are returned."""
         keys: list[dict[str, Any]] = []
         seen: set[str] = set()
         batch: list[dict[str, Any]] = []
@@ -157,10 +207,10 @@ class PairsStage(Stage):
                     batch = []
             if batch:
                 writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=SCHEMA))
-        return stats, drops, keys
+        return keys
 
     def _balance_and_write(
-        self, stats: ReadStats, drops: DropLog, checked: list[dict[str, Any]], staging: Path
+        self, stats: ReadStats, drops: DropLog, checked: list[dict[str, Any]], table: pa.Table | None
     ) -> dict[str, Any]:
         """Pass 2: quotas, length bias, split and shuffle on the keys, then the shards, manifest and card."""
         balance, shards = self.config.balance, self.config.shards
@@ -176,19 +226,18 @@ class PairsStage(Stage):
         splits = {"train": [k for k in kept if not is_heldout(k["id"], shards.heldout_fraction)]}
         if shards.heldout_fraction > 0:
             splits["heldout"] = [k for k in kept if is_heldout(k["id"], shards.heldout_fraction)]
-        with pa.memory_map(str(staging), "r") as source:
-            table = pa.ipc.open_file(source).read_all()
-            written = {
-                split: write_split(
-                    table,
-                    [key["index"] for key in shuffled(rows, balance.seed)],
-                    self.outdir,
-                    split,
-                    shards.rows_per_shard,
-                    shards.compression,
-                )
-                for split, rows in splits.items()
-            }
+        assert table is not None  # some pair was kept, so some shard had survivors
+        written = {
+            split: write_split(
+                table,
+                [key["index"] for key in shuffled(rows, balance.seed)],
+                self.outdir,
+                split,
+                shards.rows_per_shard,
+                shards.compression,
+            )
+            for split, rows in splits.items()
+        }
         manifest = write_manifest(
             self.outdir,
             config=self.config,
