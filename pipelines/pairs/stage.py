@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipelines.costs import PAIR_KEEP, Flow, StagePlan
+from pipelines.costs import PAIR_KEEP, Flow, StagePlan, workers
 from pipelines.errors import RunError
 from pipelines.pairs.balance import (
     apply_language_quotas,
@@ -123,7 +123,9 @@ class PairsStage(DistributedStage):
             documents=int(pairs),
             unit="pairs",
         )
-        plan.wall_basis = "one process here, CPU checks (not estimated)"
+        ex = cls.executor(spec)
+        assert ex is not None
+        plan.wall_basis = f"{min(ex.tasks, workers(ex)):,} task(s) at once, CPU checks (not estimated)"
         return plan
 
     @property
