@@ -4,11 +4,11 @@ Reads the model (`evaluate.model`, else `WORKDIR/finetune/final` when the spec f
 `WORKDIR/pretrain/final`) and the held-out pairs (`evaluate.heldout`, else `WORKDIR/pairs/heldout-*.parquet`).
 Writes `WORKDIR/evaluate/results.json` and a PNG of each BoN curve (`bon_humaneval.png`, `bon_math.png`).
 
-Best-of-N samples are drawn by datatrove tasks on `evaluate.executor` (else the top-level executor): problems
-go in units of UNIT_PROBLEMS, unit i to task i mod tasks, each unit into `samples/unit-<i>.jsonl`.
+Best-of-N samples are drawn and executed by datatrove tasks on `evaluate.executor` (else the top-level
+executor): problems go in units of UNIT_PROBLEMS, unit i to task i mod tasks, each unit's samples into
+`samples/unit-<i>.jsonl` and their sandbox labels into `samples/unit-<i>.exec.jsonl`.
 
-Resumable: HumanEval samples (one request per sample, per unit) and execution labels
-(`samples/exec.jsonl`) are appended as they finish, and reward scores are saved (`scores.json`) once
+Resumable: HumanEval samples (one request per sample) and execution labels are appended as they finish, and reward scores are saved (`scores.json`) once
 computed, so a rerun after a kill pays only for the work that was not finished. Samples are drawn before
 the reward model is loaded, so the generator and the reward model never hold memory at the same time.
 """
@@ -94,12 +94,14 @@ class EvaluateStage(DistributedStage):
         from sdk import humaneval as he
 
         bon = cfg.best_of_n
-        problems, replies = [], {}
+        problems, replies, labels = [], {}, []
         if bon is not None:
             problems = he.load_problems(bon.problems)
-            self.run_tasks()  # the samples, a task per share of the problems; then read back from their caches
+            self.run_tasks()  # samples and labels, a task per share of the units; then read back from their caches
             for index, unit in enumerate(sample_units(problems)):
-                replies |= he.sample(unit, bon.generator, bon.k, self.sample_cache(index))
+                unit_replies = he.sample(unit, bon.generator, bon.k, self.sample_cache(index))
+                replies |= unit_replies
+                labels += self.unit_labels(index, unit, unit_replies)
             close_idle()  # an engine a task left in this process: the reward model comes next
 
         from sdk import RewardModel
@@ -130,7 +132,7 @@ class EvaluateStage(DistributedStage):
                     draws=bon.draws,
                     timeout_s=bon.sandbox.timeout_s,
                     memory_mb=bon.sandbox.memory_mb,
-                    labels_path=self.outdir / "samples" / "exec.jsonl",
+                    labels=labels,
                     scores=scores,
                 ),
             }
@@ -155,7 +157,21 @@ class EvaluateStage(DistributedStage):
         bon = cfg.best_of_n
         units = list(enumerate(sample_units(he.load_problems(bon.problems))))
         for index, unit in units[rank::world_size]:
-            he.sample(unit, bon.generator, bon.k, self.sample_cache(index), desc=f"evaluate unit {index}")
+            replies = he.sample(unit, bon.generator, bon.k, self.sample_cache(index), desc=f"evaluate unit {index}")
+            self.unit_labels(index, unit, replies)
+
+    def unit_labels(self, index: int, unit: list[dict[str, Any]], replies: dict[str, list[str]]) -> list[dict]:
+        """Sandbox labels of a unit's samples, in problem then sample order; cached per program as each finishes
+        (`samples/unit-<i>.exec.jsonl`), so a rerun executes only what was not labelled."""
+        from sdk import humaneval as he
+        from sdk.evaluation import label_programs
+
+        bon = self.spec.evaluate.best_of_n if self.spec.evaluate else None
+        assert bon is not None
+        sources = [he.program(p, he.completion_from_reply(p, r)) for p in unit for r in replies[p["task_id"]]]
+        cache = self.sample_cache(index).with_suffix(".exec.jsonl")
+        limits = {"timeout_s": bon.sandbox.timeout_s, "memory_mb": bon.sandbox.memory_mb}
+        return label_programs(sources, **limits, cache_path=cache, desc=f"humaneval unit {index}")
 
     def sample_cache(self, unit: int) -> Path:
         return self.outdir / "samples" / f"unit-{unit:05d}.jsonl"

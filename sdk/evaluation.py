@@ -203,14 +203,15 @@ def humaneval_bon(
     timeout_s: float = 10.0,
     memory_mb: int = 1024,
     workers: int = 2,
-    labels_path: Path | None = None,
+    labels: Sequence[dict[str, Any]] | None = None,
     scores: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     """Best-of-N on HumanEval from sampled chat replies: each candidate is executed against its problem's tests
     in the sandbox, scored by the reward model (prompt = the user message, response = the reply, as in the
     training pairs) and the curves are drawn. Voting groups candidates whose programs are identical up to
-    formatting and comments (`humaneval.answer_key`): a weak plain-voting baseline for code. Pass `scores`
-    (task_id -> scores) to reuse scores computed earlier."""
+    formatting and comments (`humaneval.answer_key`): a weak plain-voting baseline for code. Pass `labels`
+    (`label_programs` results, in problem then reply order) and `scores` (task_id -> scores) to reuse work
+    done earlier or elsewhere (the evaluate stage labels in its tasks)."""
     from sdk import humaneval as he
 
     tasks = [p["task_id"] for p in problems]
@@ -219,9 +220,10 @@ def humaneval_bon(
         raise DataError(f"humaneval_bon: no replies for {', '.join(missing[:5])}")
     completions = {p["task_id"]: [he.completion_from_reply(p, r) for r in replies[p["task_id"]]] for p in problems}
     sources = [he.program(p, c) for p in problems for c in completions[p["task_id"]]]
-    labels = label_programs(
-        sources, timeout_s=timeout_s, memory_mb=memory_mb, workers=workers, cache_path=labels_path, desc="humaneval"
-    )
+    if labels is None:
+        labels = label_programs(sources, timeout_s=timeout_s, memory_mb=memory_mb, workers=workers, desc="humaneval")
+    elif len(labels) != len(sources):
+        raise DataError(f"humaneval_bon: {len(labels)} labels for {len(sources)} replies")
     scores = scores if scores is not None else score_replies(problems, replies, reward_model)
     passed, offset = [], 0
     for t in tasks:

@@ -133,7 +133,7 @@ def test_rerun_after_a_kill_executes_only_unlabelled_programs(tmp_path, tiny_rm_
     stage, _ = _setup(tmp_path, tiny_rm_dir)
     stage.run()
     first = json.loads((stage.outdir / "results.json").read_text())
-    labels = stage.outdir / "samples" / "exec.jsonl"
+    labels = stage.outdir / "samples" / "unit-00000.exec.jsonl"  # written by the (one, in-process) task
     lines = labels.read_text().splitlines(keepends=True)
     assert len(lines) == 12
     labels.write_text("".join(lines[:5]) + lines[5][:20])  # killed while writing the sixth label
@@ -160,13 +160,28 @@ def test_rerun_after_a_kill_executes_only_unlabelled_programs(tmp_path, tiny_rm_
     stage.run()
 
 
+def test_a_task_labels_its_units_and_the_driver_executes_nothing(tmp_path, tiny_rm_dir, monkeypatch):
+    import sdk.sandbox
+
+    stage, _ = _setup(tmp_path, tiny_rm_dir)
+    stage.run_task(0, 1)  # what a datatrove task does: sample (cached here) and execute its unit
+    assert len(RequestCache(stage.outdir / "samples" / "unit-00000.exec.jsonl").load()) == 12
+    monkeypatch.setattr(sdk.sandbox, "run_many", lambda *a, **k: pytest.fail("the task labelled every program"))
+    monkeypatch.setattr(EvaluateStage, "run_tasks", lambda self: None)  # the tasks ran (above)
+    assert stage.run()["humaneval_oracle_at_4"] == 1.0
+
+
 def test_sampling_units_go_to_tasks_by_index_whatever_the_task_count(tmp_path, tiny_rm_dir, monkeypatch):
     """20 problems = units of 8, 8 and 4; task r of w samples units r::w into files named after the unit."""
     stage, _ = _setup(tmp_path, tiny_rm_dir, problems=20)
     calls: list[tuple[int, list[str], str]] = []
-    monkeypatch.setattr(
-        he, "sample", lambda unit, gen, k, cache, desc="": calls.append((k, [p["task_id"] for p in unit], cache.name))
-    )
+
+    def sample(unit: list[dict], gen: object, k: int, cache: Path, desc: str = "") -> dict:
+        calls.append((k, [p["task_id"] for p in unit], cache.name))
+        return {}
+
+    monkeypatch.setattr(he, "sample", sample)
+    monkeypatch.setattr(EvaluateStage, "unit_labels", lambda self, index, unit, replies: [])
     split = {}
     for world in (1, 2, 3):
         calls.clear()
@@ -276,9 +291,11 @@ def test_codepmp_run_only_evaluate_with_the_bundled_model(tmp_path):
     assert bon["curve"]["n"] == [1, 2]
     assert results["heldout"]["n"] == 8
     assert (workdir / "evaluate" / "bon_humaneval.png").read_bytes()[:8] == PNG_MAGIC
-    units = sorted((workdir / "evaluate" / "samples").glob("unit-*.jsonl"))
+    units = sorted((workdir / "evaluate" / "samples").glob("unit-?????.jsonl"))
     assert [p.name for p in units] == ["unit-00000.jsonl", "unit-00001.jsonl"]
     assert [len(RequestCache(p).load()) for p in units] == [16, 2]
+    labelled = [len(RequestCache(p.with_suffix(".exec.jsonl")).load()) for p in units]
+    assert 0 < labelled[0] <= 16 and 0 < labelled[1] <= 2  # labelled by the tasks (identical programs run once)
     completions = workdir / "evaluate" / "logs" / "2-tasks" / "completions"
     assert sorted(p.name for p in completions.iterdir()) == ["00000", "00001"]
     assert "evaluate unit 1 (smollm2" in proc.stderr  # the sampling progress bar: absent when resuming below
