@@ -199,11 +199,11 @@ def check_ray(address: str | None) -> None:
 
 
 def _init_ray(address: str | None) -> None:
+    check_ray(address)
     import ray
 
     if ray.is_initialized():
         return
-    check_ray(address)
     try:
         ray.init(address=address)
     except ConnectionError as exc:
