@@ -8,9 +8,10 @@ Best-of-N samples are drawn and executed by datatrove tasks on `evaluate.executo
 executor): problems go in units of UNIT_PROBLEMS, unit i to task i mod tasks, each unit's samples into
 `samples/unit-<i>.jsonl` and their sandbox labels into `samples/unit-<i>.exec.jsonl`.
 
-Resumable: HumanEval samples (one request per sample) and execution labels are appended as they finish, and reward scores are saved (`scores.json`) once
-computed, so a rerun after a kill pays only for the work that was not finished. Samples are drawn before
-the reward model is loaded, so the generator and the reward model never hold memory at the same time.
+Resumable: HumanEval samples (one request per sample) and execution labels are appended as they finish,
+and reward scores are saved (`scores.json`) once computed, so a rerun after a kill pays only for the work
+that was not finished. Samples are drawn before the reward model is loaded, so the generator and the reward
+model never hold memory at the same time.
 """
 
 from __future__ import annotations
