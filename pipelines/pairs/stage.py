@@ -136,8 +136,16 @@ class PairsStage(DistributedStage):
         files = input_files(self.layout.stage_dir("generate"))
         clear_outputs(self.outdir)
         self.run_tasks()  # pass 1: the checks, a task per share of the generate shards
-        stats, drops, keys, tables = ReadStats(), DropLog((DUPLICATE, *REASONS, LANGUAGE_QUOTA, LENGTH_BIAS)), [], []
+        return self._balance_and_write(*self._merge(files))
+
+    def _merge(self, files: list[Path]) -> tuple[ReadStats, DropLog, list[dict[str, Any]], pa.Table]:
+        """The checked shards as one: figures summed, keys in shard order re-indexed into the concatenation of
+        the memory-mapped survivors (a pair id met in an earlier shard is dropped as a duplicate)."""
+        stats, drops = ReadStats(), DropLog((DUPLICATE, *REASONS, LANGUAGE_QUOTA, LENGTH_BIAS))
+        keys: list[dict[str, Any]] = []
+        tables: list[pa.Table] = []
         seen: set[str] = set()
+        offset = 0
         for path in files:
             done = self.checked(path).with_suffix(".json")
             if not done.is_file():
@@ -150,15 +158,15 @@ class PairsStage(DistributedStage):
                 drops.counts[reason] += count
                 kept_ids = drops.samples.setdefault(reason, [])
                 kept_ids += part["drop_samples"].get(reason, [])[: SAMPLE_IDS - len(kept_ids)]
-            offset = sum(t.num_rows for t in tables)
             for key in part["keys"]:
-                if key["id"] in seen:  # the same pair in two shards: the first one stays
+                if key["id"] in seen:
                     drops.add(DUPLICATE, key["id"])
                     continue
                 seen.add(key["id"])
                 keys.append({**key, "index": offset + key["index"]})
             tables.append(pa.ipc.open_file(pa.memory_map(str(self.checked(path)), "r")).read_all())
-        return self._balance_and_write(stats, drops, keys, pa.concat_tables(tables) if tables else None)
+            offset += tables[-1].num_rows
+        return stats, drops, keys, pa.concat_tables(tables)
 
     def checked(self, shard: Path) -> Path:
         return self.outdir / CHECKED / (shard.name.removesuffix(".jsonl.gz") + ".arrow")
@@ -212,7 +220,7 @@ class PairsStage(DistributedStage):
         return keys
 
     def _balance_and_write(
-        self, stats: ReadStats, drops: DropLog, checked: list[dict[str, Any]], table: pa.Table | None
+        self, stats: ReadStats, drops: DropLog, checked: list[dict[str, Any]], table: pa.Table
     ) -> dict[str, Any]:
         """Pass 2: quotas, length bias, split and shuffle on the keys, then the shards, manifest and card."""
         balance, shards = self.config.balance, self.config.shards
@@ -228,7 +236,6 @@ class PairsStage(DistributedStage):
         splits = {"train": [k for k in kept if not is_heldout(k["id"], shards.heldout_fraction)]}
         if shards.heldout_fraction > 0:
             splits["heldout"] = [k for k in kept if is_heldout(k["id"], shards.heldout_fraction)]
-        assert table is not None  # some pair was kept, so some shard had survivors
         written = {
             split: write_split(
                 table,
