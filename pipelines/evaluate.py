@@ -149,8 +149,8 @@ class EvaluateStage(DistributedStage):
         return summary
 
     def run_task(self, rank: int, world_size: int) -> None:
-        """Sample the units `[rank::world_size]`, each into its own request cache (named after the unit, so the
-        samples are the same files whatever the number of tasks); one engine serves all of the task's units."""
+        """Sample and execute the units `[rank::world_size]`, each into its own caches (named after the unit, so
+        they are the same files whatever the number of tasks); one engine serves all of the task's units."""
         from sdk import humaneval as he
 
         cfg = self.spec.evaluate
