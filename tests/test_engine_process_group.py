@@ -28,13 +28,11 @@ def main() -> None:
     from pipelines.engine import Generator
     from pipelines.spec import ModelSpec
 
-    spec = ModelSpec(name="smollm2-135m-instruct", max_model_len=512, cpu_kvcache_gib=1, enforce_eager=True)
-    for when in ("before training", "during training"):
-        if when == "during training":  # a launcher's (or a user's) group, live across stages
-            deepspeed.init_distributed(dist_backend="gloo")
-        gen = Generator(spec)
-        print(f"engine {when}:", type(gen.llm.llm_engine.engine_core).__name__)
-        gen.close()
+    # The in-process engine while no group is live: train_generate_train's "between stages" shows it.
+    deepspeed.init_distributed(dist_backend="gloo")  # a launcher's (or a user's) group, live across stages
+    gen = Generator(ModelSpec(name="smollm2-135m-instruct", max_model_len=512, cpu_kvcache_gib=1, enforce_eager=True))
+    print("engine during training:", type(gen.llm.llm_engine.engine_core).__name__)
+    gen.close()
     print("process group kept:", dist.is_initialized())
 
 
@@ -60,7 +58,6 @@ def test_closing_a_generator_keeps_the_training_process_group() -> None:
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "engine before training: InprocClient" in proc.stdout  # the fast path while no group is live
     assert "engine during training: SyncMPClient" in proc.stdout
     assert "process group kept: True" in proc.stdout
 
@@ -72,7 +69,7 @@ def test_training_leaves_no_group_behind_so_the_next_engine_runs_in_process(tmp_
         [sys.executable, __file__, str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "engine between stages: InprocClient" in proc.stdout
+    assert "engine between stages: InprocClient" in proc.stdout  # the fast path while no group is live
     assert "finetune after the engine: done" in proc.stdout
 
 

@@ -177,7 +177,7 @@ def run_driver(cache: Path, kills: int) -> dict:
 
 
 @pytest.mark.slow
-def test_killing_the_real_engine_core_once_then_twice(tmp_path: Path):
+def test_killing_the_real_engine_core_twice_then_resuming(tmp_path: Path):
     cache = RequestCache(tmp_path / "strong.jsonl")
     everything = {f"p{i}" for i in range(len(PROMPTS))}
 
@@ -190,11 +190,11 @@ def test_killing_the_real_engine_core_once_then_twice(tmp_path: Path):
     assert set(first["submitted"][0]) == everything
     assert set(first["submitted"][1]) == everything - set(first["cached_by_build"][0])  # nothing paid twice
 
-    # The next run skips what is cached, survives one more kill, and finishes every request exactly once.
-    second = run_driver(cache.path, kills=1)
-    assert second["error"] is None and second["killed"] == [1] and len(second["submitted"]) == 2
+    # The next run submits only what is not cached and finishes every request exactly once (a death in that
+    # run is the first case again; the fake engine above covers it without another ~40 s engine start).
+    second = run_driver(cache.path, kills=0)
+    assert second["error"] is None and second["killed"] == [] and len(second["submitted"]) == 1
     assert set(second["submitted"][0]) == everything - set(after_first)
-    assert set(second["submitted"][1]) == everything - set(after_first) - set(second["cached_by_build"][0])
     final = cached_rids(cache)
     assert final[: len(after_first)] == after_first and sorted(final) == sorted(everything)
     assert all(samples[0]["tokens"] > 0 for samples in cache.load().values())

@@ -260,7 +260,7 @@ def test_codepmp_run_only_evaluate_with_the_bundled_model(tmp_path):
                         "cpu_kvcache_gib": 1,
                         "enforce_eager": True,
                     },
-                    "sampling": {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 128, "seed": 0},
+                    "sampling": {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 64, "seed": 0},
                 },
                 "k": 2,
                 "problems": 9,  # two sampling units (8 + 1), one per task
