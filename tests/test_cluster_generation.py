@@ -36,7 +36,7 @@ SMALL = [
     "executor={kind: local, tasks: 3, workers: 1}",  # curate: 3 shards, the input units of the tasks below
     "source.limit=170",  # 6 files pass ci_small's size filter
     "pairs.checks.drop_truncated=false",  # short replies are cut: keep them, the pairs only need to exist
-    "pairs.shards.heldout_fraction=0.0",
+    "pairs.shards.heldout_fraction=0.0",  # every pair in train-*: the checks below read them all
     "describe.sampling.max_new_tokens=24",
     "generate.strong.sampling.max_new_tokens=48",
     "generate.weak.sampling.max_new_tokens=24",
@@ -94,6 +94,12 @@ def reference(curated: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return workdir
 
 
+@pytest.fixture(scope="module")
+def reference_files(reference: Path) -> dict[str, bytes]:
+    """What the reference wrote, read once for every comparison below."""
+    return _written(reference)
+
+
 def test_pairs_are_real_and_pass_every_check(reference: Path) -> None:
     rows = [
         row
@@ -126,7 +132,7 @@ def _cached_ids(path: Path) -> list[str]:
 
 
 def test_three_tasks_killed_in_one_then_rerun_redo_only_its_unfinished_requests_and_match_one_task(
-    curated: Path, reference: Path, tmp_path: Path
+    curated: Path, reference_files: dict[str, bytes], tmp_path: Path
 ) -> None:
     workdir = _from_curated(curated, tmp_path)
     _run(workdir, THREE_TASKS, until="describe")
@@ -164,12 +170,12 @@ def test_three_tasks_killed_in_one_then_rerun_redo_only_its_unfinished_requests_
         after = _cached_ids(caches / name)
         assert after[: len(ids)] == ids and len(after) == len(set(after)), f"{name}: a finished request was redone"
     assert sorted(p.name for p in completions.iterdir()) == ["00000", "00001", "00002"]
-    assert _written(workdir) == _written(reference), "3 tasks (killed, rerun) wrote other files than 1 task"
+    assert _written(workdir) == reference_files, "3 tasks (killed, rerun) wrote other files than 1 task"
 
 
 def test_slurm_generation_matches_local(
     curated: Path,
-    reference: Path,
+    reference_files: dict[str, bytes],
     tmp_path: Path,
     slurm_cluster: dict[str, str],  # noqa: F811
     job_name: str,  # noqa: F811
@@ -185,10 +191,10 @@ def test_slurm_generation_matches_local(
         logs = workdir / stage / "logs" / "2-tasks"
         assert (logs / "launch_script.slurm").is_file()  # it really went through sbatch
         assert sorted(p.name for p in (logs / "completions").iterdir()) == ["00000", "00001"]
-    assert _written(workdir) == _written(reference)
+    assert _written(workdir) == reference_files
 
 
-def test_ray_generation_matches_local(curated: Path, reference: Path, tmp_path: Path) -> None:
+def test_ray_generation_matches_local(curated: Path, reference_files: dict[str, bytes], tmp_path: Path) -> None:
     pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     workdir = _from_curated(curated, tmp_path)
     _run(workdir, "{kind: ray, tasks: 2, workers: 2, cpus_per_task: 1, mem_per_cpu_gb: 2}")
@@ -196,4 +202,4 @@ def test_ray_generation_matches_local(curated: Path, reference: Path, tmp_path: 
         "00000",
         "00001",
     ]
-    assert _written(workdir) == _written(reference)
+    assert _written(workdir) == reference_files
