@@ -4,7 +4,7 @@ Same model (bundled SmolLM2-135M-Instruct), same prompts (the first N HumanEval 
 template, chat-rendered to token ids), same sampling (T=0.7, top_p=1, MAX_NEW new tokens, per-request seeds),
 same vLLM engine arguments (max_model_len 2048, eager, no chunked prefill on CPU, 2 GiB KV cache), in one process:
 
-- `ours`: `pipelines.engine.Generator.run` (request cache with one fsync per step, progress bar);
+- `ours`: `sdk.engine.Generator.run` (request cache with one fsync per step, progress bar);
 - `vllm_generate`: `LLM.generate` on the very engine `ours` uses;
 - `datatrove`: datatrove 0.10.1 `InferenceRunner` with its request cache and chunked checkpoints on, talking to
   the vLLM OpenAI server it launches (completions endpoint, the same token ids and seeds). Its own `vllm`
@@ -21,7 +21,7 @@ tokens/s = generated tokens / wall seconds of generation (model load, server sta
 ratio ours / baseline is paired within a round and its median over rounds is reported with the per-round values:
 on a shared 2-core machine single runs swing by 20-40 %. Goals: ours >= 0.9x raw vLLM, ours >= 10x HF `generate`.
 `share_of_roofline` puts each rate against the matmul peak of the engine's dtype (2 x params FLOPs per generated
-token). All four run that dtype: float32 on CPU (`pipelines.engine.cpu_dtype`), so HF is no longer bf16.
+token). All four run that dtype: float32 on CPU (`sdk.engine.cpu_dtype`), so HF is no longer bf16.
 Run (about 10 minutes on 2 cores; `make bench` runs a 1-round, 8-prompt version):
 
     .venv/bin/python -m pytest benchmarks/bench_generate.py -s --benchmark-only
@@ -66,7 +66,7 @@ def datatrove_round(path: str, requests: list, seeds: dict[str, int], workdir: P
     from datatrove.pipeline.writers import JsonlWriter
     from loguru import logger
 
-    from pipelines.engine import cpu_dtype
+    from sdk.engine import cpu_dtype
 
     logger.remove()  # datatrove logs every server line at INFO and every readiness poll as a warning
     logger.add(sys.stderr, level="WARNING", filter=lambda record: "Please wait" not in record["message"])
@@ -163,9 +163,10 @@ def run() -> dict:
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
 
-    from pipelines.engine import Generator, Request, RequestCache, request_seed
     from pipelines.generate import generation_prompt
-    from pipelines.spec import GENERATE_TEMPLATE, ModelSpec, SamplingSpec
+    from pipelines.spec import GENERATE_TEMPLATE
+    from sdk.config import ModelSpec, SamplingSpec
+    from sdk.engine import Generator, Request, RequestCache, request_seed
 
     problems = read_problems()
     ids = sorted(problems, key=lambda t: int(t.split("/")[1]))[:N_PROMPTS]

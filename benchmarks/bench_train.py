@@ -158,7 +158,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from pipelines.models import resolve_model
+    from sdk.models import resolve_model
     from sdk.train import resolve_precision
 
     precision = resolve_precision("auto")  # one choice for every trainer: the comparison is like for like

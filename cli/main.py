@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
-from pipelines.errors import CodepmpError
 from pipelines.spec import Spec
 from pipelines.stages import NAMES, declared_names, load
+from sdk.errors import CodepmpError
 
 SPEC_HELP = "Path to a spec YAML file (see specs/ for examples)."
 SET_HELP = "Override a spec field before validation, e.g. --set generate.strong.sampling.temperature=0.2 (repeatable)."

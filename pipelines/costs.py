@@ -12,17 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.languages import count_source_files
-from pipelines.models import BUNDLED
-from pipelines.spec import (
-    GeneratorSpec,
-    LocalExecutor,
-    ModelSpec,
-    PruneSpec,
-    RayExecutor,
-    SamplingSpec,
-    SlurmExecutor,
-    Spec,
-)
+from pipelines.spec import LocalExecutor, RayExecutor, SlurmExecutor, Spec
+from sdk.config import GeneratorSpec, ModelSpec, PruneSpec, SamplingSpec
+from sdk.models import BUNDLED
 
 ExecutorSpec = LocalExecutor | SlurmExecutor | RayExecutor
 

@@ -24,12 +24,13 @@ from collections import Counter
 from typing import Any, ClassVar
 
 from pipelines.costs import DESCRIBE_KEEP, GEN_FILL, Flow, StagePlan, gen_plan, model_str, task_wall
-from pipelines.engine import Generator, Request, RequestCache, leave_idle, open_generator
-from pipelines.errors import RunError
 from pipelines.pairs.checks import is_repetition_loop
 from pipelines.shards import chunks, write_shard
-from pipelines.spec import DescribeSpec, ModelSpec, Spec
+from pipelines.spec import DescribeSpec, Spec
 from pipelines.stage import RunLayout, TaskStage
+from sdk.config import ModelSpec
+from sdk.engine import Generator, Request, RequestCache, leave_idle, open_generator
+from sdk.errors import RunError
 from sdk.fileio import atomic_write_json
 
 _FENCE = re.compile(r"```.*?(```|$)", re.DOTALL)

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipelines.costs import HUMANEVAL_PROBLEMS, Flow, StagePlan, driver_wall, gen_plan, model_str, task_wall
-from pipelines.engine import close_idle
-from pipelines.errors import RunError
 from pipelines.spec import LocalExecutor, RayExecutor, SlurmExecutor, Spec
 from pipelines.stage import DistributedStage, RunLayout
 from sdk import sandbox
+from sdk.engine import close_idle
+from sdk.errors import RunError
 from sdk.fileio import atomic_write_json
 
 UNIT_PROBLEMS = 8  # Best-of-N problems per sampling unit (164 HumanEval problems: 21 units to share out)

@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines.engine import close_idle
-from pipelines.errors import RunError
 from pipelines.spec import HumanEvalExecSpec
+from sdk.engine import close_idle
+from sdk.errors import RunError
 from sdk.fileio import atomic_path, atomic_write_json
 
 OUTPUT = "humaneval-exec.parquet"

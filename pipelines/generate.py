@@ -16,11 +16,12 @@ from collections import Counter
 from typing import Any, ClassVar
 
 from pipelines.costs import GEN_FILL, Flow, StagePlan, gen_plan, model_str, task_wall
-from pipelines.engine import Generator, Request, RequestCache, leave_idle, model_label, open_generator
-from pipelines.errors import RunError
 from pipelines.shards import chunks, write_shard
-from pipelines.spec import GenerateSpec, GeneratorSpec, ModelSpec, Spec
+from pipelines.spec import GenerateSpec, Spec
 from pipelines.stage import RunLayout, TaskStage
+from sdk.config import GeneratorSpec, ModelSpec
+from sdk.engine import Generator, Request, RequestCache, leave_idle, model_label, open_generator
+from sdk.errors import RunError
 from sdk.fileio import atomic_write_json
 
 # Markdown fence tags for languages whose name is not its usual tag.

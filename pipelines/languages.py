@@ -11,8 +11,8 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipelines.errors import SpecError
 from pipelines.spec import STDLIB
+from sdk.errors import SpecError
 
 LANGUAGE_BY_EXTENSION: dict[str, str] = {
     ".py": "python",

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import DataError
 from pipelines.spec import Spec
 from pipelines.stage import RunLayout, read_record
 from pipelines.stages import NAMES, declared_names
+from sdk.errors import DataError
 from sdk.fileio import atomic_path, atomic_write_text
 
 PLOTS = "report"

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.engine import close_idle
-from pipelines.errors import RunError, SpecError
 from pipelines.lifetime import RunProcesses
 from pipelines.report import stage_records, write_report
 from pipelines.spec import Spec, dump_resolved
 from pipelines.stage import MARKER, RECORD, RunLayout, Stage, claim_dir, read_record
 from pipelines.stages import check_inputs, declared, declared_names, stage_class
 from pipelines.tasks import check_executor
+from sdk.engine import close_idle
+from sdk.errors import RunError, SpecError
 from sdk.fileio import atomic_write_json, atomic_write_text
 
 LOCK = ".lock"

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import DataError
+from sdk.errors import DataError
 from sdk.fileio import atomic_path
 
 

@@ -24,8 +24,18 @@ from pydantic import (
     model_validator,
 )
 
-from pipelines.errors import SpecError
-from sdk.config import StrictModel, TrainConfig
+from sdk.config import (
+    MAX_TOKENS,
+    FinetuneConfig,
+    GeneratorSpec,
+    ModelName,
+    ModelSpec,
+    SamplingSpec,
+    StrictModel,
+    TrainConfig,
+    resolve_path,
+)
+from sdk.errors import SpecError
 
 # Sentinel source path meaning "the running Python's standard library" (real code on every machine).
 STDLIB = "stdlib"
@@ -39,33 +49,11 @@ HUMANEVAL_SIZE = 164  # problems in the benchmark
 
 
 def _resolve_path(value: str, info: ValidationInfo) -> str:
-    """Resolve a relative path against the spec file's directory (passed in the validation context)."""
-    if value in SPECIAL_PATHS or "://" in value:
-        return value
-    base = (info.context or {}).get("base_dir")
-    path = Path(value).expanduser()
-    if not path.is_absolute() and base is not None:
-        path = Path(base) / path
-    return str(path)
+    """Resolve a relative path against the spec file's directory; the special paths stay as they are."""
+    return value if value in SPECIAL_PATHS else resolve_path(value, info)
 
 
 SpecPath = Annotated[str, Field(min_length=1), AfterValidator(_resolve_path)]
-
-
-def _resolve_model_name(value: str, info: ValidationInfo) -> str:
-    """A model is a registry name, a hub id (`org/name`) or a local dir; only local dirs are resolved.
-
-    A value counts as a local dir when it starts like a path (`/`, `.`, `~`) or exists relative to the spec.
-    """
-    base = (info.context or {}).get("base_dir")
-    if value.startswith(("/", ".", "~")):
-        return _resolve_path(value, info)
-    if base is not None and (Path(base) / value).is_dir():
-        return str(Path(base) / value)
-    return value
-
-
-ModelName = Annotated[str, Field(min_length=1), AfterValidator(_resolve_model_name)]
 
 
 # --------------------------------------------------------------------------- executor
@@ -73,7 +61,6 @@ ModelName = Annotated[str, Field(min_length=1), AfterValidator(_resolve_model_na
 
 # Upper bounds on counts and lengths: a typo (10^20 tasks, a 10^9-token reply) is an error, not a hang.
 MAX_TASKS = 100_000  # datatrove tasks of one stage; ~280 files per task at the paper's 28M
-MAX_TOKENS = 1 << 20
 MAX_CHUNK = 1 << 20  # records a generation task holds at once: its memory bound
 STAGE_EXECUTOR_DOC = (
     "Where this stage's tasks run (e.g. GPU nodes: kind slurm with gpus_per_task); null = the top-level executor."
@@ -315,55 +302,7 @@ class DedupSpec(StrictModel):
     minhash: MinhashDedup = Field(default_factory=MinhashDedup)
 
 
-# --------------------------------------------------------------------------- models and generation
-
-
-class PruneSpec(StrictModel):
-    """Derive a weaker sibling by keeping only the first and last blocks (middle layers removed)."""
-
-    keep_first: int = Field(gt=0)
-    keep_last: int = Field(gt=0)
-
-
-class ModelSpec(StrictModel):
-    """A model and how vLLM serves it."""
-
-    name: ModelName = Field(description="Registry name, local HF dir, or hub id (where a hub is reachable).")
-    revision: str | None = None
-    prune: PruneSpec | None = Field(None, description="Serve a weaker sibling with middle layers removed.")
-    params_billion: float | None = Field(None, gt=0, description="Size for cost estimates; else from the name.")
-    trust_remote_code: bool = Field(False, description="Run model code from the model dir; off unless you trust it.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: vLLM's own choice on GPU, float32 on CPU (batch-invariant generation there)."
-    )
-    max_model_len: int | None = Field(
-        None, gt=0, le=MAX_TOKENS, description="Context length in tokens; null = model's own."
-    )
-    tensor_parallel_size: int = Field(
-        1, gt=0, le=64, description="GPUs one vLLM engine spans; data parallelism is the stage's executor tasks."
-    )
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    cpu_kvcache_gib: float = Field(4, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
-    enforce_eager: bool = Field(
-        False, description="Skip compile/graph warmup: on 2 CPU cores a 135M model loads in ~22 s instead of ~140 s."
-    )
-
-    def identity(self) -> tuple[Any, ...]:
-        """What makes two model specs the same model (serving settings aside)."""
-        prune = (self.prune.keep_first, self.prune.keep_last) if self.prune else None
-        return (self.name, self.revision, prune)
-
-
-class SamplingSpec(StrictModel):
-    """vLLM sampling settings."""
-
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1)
-    max_new_tokens: int = Field(1024, gt=0, le=MAX_TOKENS)
-    n: int = Field(1, gt=0, le=1024, description="Samples per prompt.")
-    seed: int = 0
-    repetition_penalty: float = Field(1.0, gt=0)
+# --------------------------------------------------------------------------- generation
 
 
 DESCRIBE_TEMPLATE = (
@@ -405,11 +344,6 @@ class DescribeSpec(StrictModel):
                 f"({self.sampling.max_new_tokens}) exceed model.max_model_len ({context})"
             )
         return self
-
-
-class GeneratorSpec(StrictModel):
-    model: ModelSpec
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
 
 
 class GenerateSpec(StrictModel):
@@ -541,11 +475,9 @@ class HumanEvalExecSpec(StrictModel):
     max_pairs_per_problem: int = Field(4, gt=0, description="Cap, so easy problems do not dominate.")
 
 
-class FinetuneSpec(TrainConfig):
+class FinetuneSpec(FinetuneConfig):
     """Finetuning on reasoning preference pairs (ranking loss only by default)."""
 
-    lm_coef: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     model: ModelName | None = Field(None, description="Default: the pretrain stage's final model.")
     data: SpecPath = Field(description=f"Pairs path/glob, or `{HUMANEVAL_EXEC}` (execution-labelled HumanEval).")
     humaneval_exec: HumanEvalExecSpec | None = Field(None, description=f"How to build `{HUMANEVAL_EXEC}` data.")

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pipelines.errors import RunError, SpecError
-from pipelines.spec import LocalExecutor, ModelSpec, RayExecutor, SlurmExecutor, Spec
+from pipelines.spec import LocalExecutor, RayExecutor, SlurmExecutor, Spec
+from sdk.config import ModelSpec
+from sdk.errors import RunError, SpecError
 from sdk.fileio import atomic_write_json, is_empty_dir, precious_dirs
 
 if TYPE_CHECKING:

@@ -9,13 +9,13 @@ from collections.abc import Sequence
 
 from pipelines.curate.stage import CurateStage
 from pipelines.describe import DescribeStage
-from pipelines.errors import SpecError
 from pipelines.evaluate import EvaluateStage
 from pipelines.generate import GenerateStage
 from pipelines.pairs import PairsStage
 from pipelines.spec import Spec, load_spec
 from pipelines.stage import Stage
 from pipelines.train import FinetuneStage, PretrainStage
+from sdk.errors import SpecError
 
 PIPELINE: tuple[type[Stage], ...] = (
     CurateStage,

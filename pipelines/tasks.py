@@ -28,10 +28,10 @@ from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, Slurm
 from datatrove.executor.base import PipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
-from pipelines.errors import CodepmpError, RunError, SpecError
 from pipelines.lifetime import RUN_PID, dies_with_parent
 from pipelines.spec import LocalExecutor, RayExecutor, SlurmExecutor, Spec
 from pipelines.stage import RunLayout, claim_dir
+from sdk.errors import CodepmpError, RunError, SpecError
 
 if TYPE_CHECKING:
     from pipelines.stage import DistributedStage
@@ -253,7 +253,7 @@ class StageTask(PipelineStep):
         self.stage, self.spec, self.root = stage, spec, root
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from pipelines.engine import close_idle
+        from sdk.engine import close_idle
 
         self.stage(self.spec, RunLayout(self.root)).run_task(rank, world_size)
         if os.environ.get(RUN_PID) != str(os.getpid()):

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipelines.costs import PROMPT_OVERHEAD_TOKENS, Flow, StagePlan, driver_wall, model_size_b, model_str, train_cost
-from pipelines.errors import RunError
 from pipelines.spec import HUMANEVAL_EXEC, FinetuneSpec, PretrainSpec, Spec
 from pipelines.stage import RunLayout, Stage
 from sdk.config import TrainConfig
+from sdk.errors import RunError
 
 log = logging.getLogger(__name__)
 

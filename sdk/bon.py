@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipelines.errors import DataError
+from sdk.errors import DataError
 
 Weighting = Literal["softmax", "shift"]
 CandidateGenerator = Callable[[str, int], Sequence[str]]
@@ -153,7 +153,7 @@ def generate(
     cache_path: str | Path | None = None,
 ) -> list[list[str]]:
     """`n` candidates per prompt from a callable or a vLLM model (see `best_of_n`)."""
-    from pipelines.spec import GeneratorSpec, ModelSpec
+    from sdk.config import GeneratorSpec, ModelSpec
 
     if callable(generator) and not isinstance(generator, str | ModelSpec | GeneratorSpec):
         out = []
@@ -180,7 +180,7 @@ def generate(
 
 
 def _sampling(sampling: Any) -> Any:
-    from pipelines.spec import SamplingSpec
+    from sdk.config import SamplingSpec
 
     if sampling is None:
         return SamplingSpec()
@@ -191,7 +191,7 @@ def _generate_vllm(
     prompts: Sequence[str], spec: Any, n: int, use_chat_template: bool, cache_path: str | Path | None
 ) -> list[list[str]]:
     """One vLLM request per candidate (own seed, own cache entry); a repeated prompt is sampled once."""
-    from pipelines.engine import Generator, Request, RequestCache
+    from sdk.engine import Generator, Request, RequestCache
 
     sampling = spec.sampling.model_copy(update={"n": 1})
     key = json.dumps([spec.model_dump(mode="json", exclude={"sampling": {"n"}}), use_chat_template], sort_keys=True)

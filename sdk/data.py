@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.errors import DataError
+from sdk.errors import DataError
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import DataError
 from sdk.bon import Weighting, best_of_n, extract_answer, group_answers, majority_vote, math_equal, weighted_vote
+from sdk.errors import DataError
 from sdk.fileio import atomic_path
 
 DEFAULT_GROUPS = ("language", "rejected_parses", "rejected_finish")
@@ -161,7 +161,7 @@ def label_programs(
     """Sandbox results ({status, detail, seconds}) per program; with `cache_path`, each label is saved as it
     comes in (the generation request cache's format: key -> [label]) and a rerun executes only the
     programs not labelled yet. Identical programs run once."""
-    from pipelines.engine import RequestCache
+    from sdk.engine import RequestCache
     from sdk.sandbox import run_many
 
     cache = RequestCache(cache_path) if cache_path is not None else None

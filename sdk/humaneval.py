@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.errors import DataError, RunError
+from sdk.errors import DataError, RunError
 from sdk.sandbox import ExecResult, run_many
 
 if TYPE_CHECKING:
-    from pipelines.spec import GeneratorSpec
+    from sdk.config import GeneratorSpec
 
 PROMPT_TEMPLATE = (
     "Complete the following Python function. Reply with the complete function, signature included, "
@@ -144,11 +144,11 @@ def sample(
     drawn twice, and nothing is loaded when every sample is cached. Call it where vLLM may spawn processes
     (a CLI entry point or under `if __name__ == "__main__"`).
 
-    Each sample is its own request with its own seed (`pipelines.engine.request_seed`), so samples do not
-    depend on k or on which other requests share a batch. The engine is left idle (`pipelines.engine.leave_idle`)
+    Each sample is its own request with its own seed (`sdk.engine.request_seed`), so samples do not
+    depend on k or on which other requests share a batch. The engine is left idle (`sdk.engine.leave_idle`)
     so that consecutive calls on the same model load it once; call `close_idle()` before other heavy work.
     """
-    from pipelines.engine import RequestCache
+    from sdk.engine import RequestCache
 
     cache = RequestCache(Path(cache_path))
     rids = {p["task_id"]: request_ids(p, generator, k) for p in problems}
@@ -159,7 +159,7 @@ def sample(
 
 
 def _generate(problems, generator, cache, rids, desc) -> dict:
-    from pipelines.engine import Request, leave_idle, open_generator
+    from sdk.engine import Request, leave_idle, open_generator
 
     sampling = generator.sampling.model_copy(update={"n": 1})
     engine = open_generator(generator.model)

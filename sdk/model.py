@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pipelines.errors import DataError
 from sdk.data import EncodedPairs, collate_pairs, encode_pairs, fit, pad, sorted_batches
+from sdk.errors import DataError
 from sdk.fileio import atomic_dir, atomic_files_into, atomic_write_json, precious_dirs
 from sdk.losses import gather_last, lm_loss
 
@@ -96,7 +96,7 @@ class RewardModel:
 
         path = str(name_or_path)
         if not Path(path).is_dir():
-            from pipelines.models import resolve_model
+            from sdk.models import resolve_model
 
             path = resolve_model(path)
         local = Path(path).is_dir()
@@ -401,14 +401,14 @@ class RewardModel:
 
 
 def finetune_defaults() -> dict[str, Any]:
-    """Where the spec's FinetuneSpec departs from TrainConfig's defaults: read from it, so they cannot drift."""
-    from pipelines.spec import FinetuneSpec
-    from sdk.config import TrainConfig
+    """Where FinetuneConfig (the spec's `finetune` defaults) departs from TrainConfig's: read from it, so they
+    cannot drift."""
+    from sdk.config import FinetuneConfig, TrainConfig
 
     return {
-        k: FinetuneSpec.model_fields[k].default
+        k: FinetuneConfig.model_fields[k].default
         for k, f in TrainConfig.model_fields.items()
-        if FinetuneSpec.model_fields[k].default != f.default
+        if FinetuneConfig.model_fields[k].default != f.default
     }
 
 

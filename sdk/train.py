@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipelines.errors import DataError, RunError
 from sdk.config import TrainConfig
 from sdk.data import EncodedPair, EncodedPairs, length_grouped_batches, load_pairs, steps_for
+from sdk.errors import DataError, RunError
 from sdk.fileio import atomic_write_json, atomic_write_text
 from sdk.losses import reward_model_loss
 
@@ -283,7 +283,7 @@ def train(
     finally:
         if created_group and world == 1:
             # Leave the process as found, even after an error: while a group is live, the next vLLM engine must
-            # run in its own process (`pipelines.engine.set_engine_process`), which on CPU starts 3x slower and
+            # run in its own process (`sdk.engine.set_engine_process`), which on CPU starts 3x slower and
             # generates 1.6x slower. DeepSpeed's call also drops the groups it cached, which torch's leaves stale.
             import deepspeed
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.errors import DataError
 from sdk import best_of_n
 from sdk.bon import (
     BestOfN,
@@ -25,6 +24,7 @@ from sdk.bon import (
     vote_weights,
     weighted_vote,
 )
+from sdk.errors import DataError
 from tests.sdk_tiny import make_tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,8 +193,8 @@ def test_best_of_n_votes_when_given_an_extractor():
 _VLLM_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from pipelines.spec import ModelSpec
     from sdk import RewardModel, best_of_n
+    from sdk.config import ModelSpec
 
     if __name__ == "__main__":
         cache = sys.argv[1]
@@ -204,8 +204,8 @@ _VLLM_SCRIPT = textwrap.dedent(
         rm = RewardModel.from_pretrained("smollm2-135m-instruct")
         kw = dict(reward_model=rm, generator=model, n=3, sampling=sampling, cache_path=cache)
         first = best_of_n(prompts, **kw)
-        import pipelines.engine
-        pipelines.engine.Generator = None  # a second call must be served by the request cache alone
+        import sdk.engine
+        sdk.engine.Generator = None  # a second call must be served by the request cache alone
         second = best_of_n(prompts, **kw)
         alone = [[rm.score([r.prompt], [c])[0] for _, c, _ in sorted(r.ranked)] for r in first]
         print("RESULT " + json.dumps({

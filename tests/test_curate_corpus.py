@@ -24,9 +24,9 @@ from datatrove.pipeline.readers import JsonlReader
 from pipelines.curate.listing import build_listing
 from pipelines.curate.pipeline import CurateLayout
 from pipelines.curate.stage import CurateStage
-from pipelines.errors import SpecError
 from pipelines.languages import stdlib_dir
 from pipelines.stage import RunLayout
+from sdk.errors import SpecError
 from tests.curate_utils import make_spec, read_shards, run_curate, stats_rows
 from tests.logs import logged
 

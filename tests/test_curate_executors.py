@@ -17,8 +17,8 @@ from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, Slurm
 
 from pipelines.curate.pipeline import CurateLayout, build_executors, build_steps
 from pipelines.curate.stage import CurateStage
-from pipelines.errors import RunError, SpecError
 from pipelines.stage import RunLayout
+from sdk.errors import RunError, SpecError
 from tests.curate_utils import make_spec, run_curate
 
 SOURCE = {"paths": ["stdlib"], "languages": ["python"], "limit": 10}

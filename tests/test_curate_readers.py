@@ -17,8 +17,8 @@ import pytest
 
 from pipelines.curate.listing import build_listing, detect_license
 from pipelines.curate.readers import CodeFileReader, dataset_reader
-from pipelines.errors import RunError, SpecError
 from pipelines.languages import KNOWN_LANGUAGES, language_of, normalize_language, stdlib_dir
+from sdk.errors import RunError, SpecError
 from tests.curate_utils import make_spec, read_shards, run_curate, stats_rows
 from tests.logs import logged
 

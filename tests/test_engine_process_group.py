@@ -25,8 +25,8 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from pipelines.engine import Generator
-    from pipelines.spec import ModelSpec
+    from sdk.config import ModelSpec
+    from sdk.engine import Generator
 
     # The in-process engine while no group is live: train_generate_train's "between stages" shows it.
     deepspeed.init_distributed(dist_backend="gloo")  # a launcher's (or a user's) group, live across stages
@@ -38,9 +38,9 @@ def main() -> None:
 
 def train_generate_train(tmp: Path) -> None:
     """pretrain -> an engine -> finetune in one process, as `codepmp run` does, with no group set up outside."""
-    from pipelines.engine import Generator
-    from pipelines.spec import ModelSpec
     from sdk import RewardModel
+    from sdk.config import ModelSpec
+    from sdk.engine import Generator
     from tests.sdk_tiny import make_tiny_lm, planted_pairs
 
     rm = RewardModel.from_pretrained(make_tiny_lm(tmp / "lm"))

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import engine as engine_module
-from pipelines.engine import Generator, Request, RequestCache, wake_on_engine_death
-from pipelines.errors import RunError
-from pipelines.spec import ModelSpec, SamplingSpec
+from sdk import engine as engine_module
+from sdk.config import ModelSpec, SamplingSpec
+from sdk.engine import Generator, Request, RequestCache, wake_on_engine_death
+from sdk.errors import RunError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = SamplingSpec(temperature=0.7, max_new_tokens=32, seed=0)

@@ -13,11 +13,12 @@ from typing import Any, ClassVar
 
 import pytest
 
-from pipelines import engine as engine_module
 from pipelines import runner, stages
-from pipelines.engine import Generator, close_idle, leave_idle, open_generator
-from pipelines.spec import ModelSpec, load_spec
+from pipelines.spec import load_spec
 from pipelines.stage import Stage
+from sdk import engine as engine_module
+from sdk.config import ModelSpec
+from sdk.engine import Generator, close_idle, leave_idle, open_generator
 
 A, B = ModelSpec(name="model-a"), ModelSpec(name="model-b")
 

@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.engine import RequestCache
-from pipelines.errors import DataError, RunError
 from pipelines.evaluate import EvaluateStage
 from pipelines.spec import validate_spec
 from pipelines.stage import RunLayout
 from sdk import humaneval as he
+from sdk.engine import RequestCache
+from sdk.errors import DataError, RunError
 from sdk.evaluation import bon_curves, read_math_rows
 from tests.sdk_tiny import make_tiny_lm, planted_pairs
 

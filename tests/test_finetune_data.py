@@ -16,11 +16,11 @@ import yaml
 import pipelines.finetune_data as fd
 import sdk.sandbox
 from pipelines import runner
-from pipelines.errors import SpecError
 from pipelines.finetune_data import Candidate, build_humaneval_exec, canonical_reply, pair_candidates
 from pipelines.spec import HumanEvalExecSpec, load_spec, validate_spec
 from sdk import humaneval
 from sdk.data import load_pairs
+from sdk.errors import SpecError
 from tests.sdk_tiny import make_tiny_lm
 
 GENERATOR = {"model": {"name": "smollm2-135m-instruct"}, "sampling": {"seed": 1}}

@@ -11,7 +11,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipelines.describe import clean_instruction, drop_reason, fit_code
-from pipelines.engine import (
+from pipelines.generate import generation_prompt
+from pipelines.languages import stdlib_dir
+from pipelines.shards import chunks, read_shards, write_shard
+from pipelines.spec import GENERATE_TEMPLATE, DescribeSpec
+from sdk.config import ModelSpec
+from sdk.engine import (
     Generator,
     RequestCache,
     cpu_dtype,
@@ -19,12 +24,8 @@ from pipelines.engine import (
     request_seed,
     set_engine_process,
 )
-from pipelines.errors import DataError
-from pipelines.generate import generation_prompt
-from pipelines.languages import stdlib_dir
-from pipelines.models import resolve_model
-from pipelines.shards import chunks, read_shards, write_shard
-from pipelines.spec import GENERATE_TEMPLATE, DescribeSpec, ModelSpec
+from sdk.errors import DataError
+from sdk.models import resolve_model
 
 
 def test_request_cache_survives_a_torn_last_line(tmp_path: Path):
@@ -57,7 +58,7 @@ def test_request_seeds_depend_on_request_and_base_seed_only():
 def test_engine_core_runs_in_process_on_cpu_only_while_no_process_group_is_live(monkeypatch, tmp_path: Path):
     import torch.distributed as dist
 
-    import pipelines.engine as engine
+    import sdk.engine as engine
 
     var = "VLLM_ENABLE_V1_MULTIPROCESSING"
     monkeypatch.setenv(var, "")  # restored after the test

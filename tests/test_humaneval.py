@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.spec import GeneratorSpec
 from sdk import humaneval as he
+from sdk.config import GeneratorSpec
 
 LIMITS = {"timeout_s": 5, "memory_mb": 512}
 
@@ -119,7 +119,7 @@ def test_request_ids_change_with_every_setting_but_not_with_k(problems):
 
 
 def test_sample_serves_a_complete_cache_without_loading_a_model(problems, tmp_path, monkeypatch):
-    from pipelines.engine import RequestCache
+    from sdk.engine import RequestCache
 
     spec = GeneratorSpec.model_validate({"model": {"name": "/nonexistent/model"}})
     cache = RequestCache(tmp_path / "requests.jsonl")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import models
+from sdk import models
 
 
 def test_each_cache_entry_has_its_own_lock_even_with_dots_in_the_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

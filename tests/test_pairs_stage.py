@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import runner
-from pipelines.errors import DataError, RunError
 from pipelines.pairs import PairsStage
 from pipelines.pairs import stage as stage_module
 from pipelines.pairs.writer import COLUMNS
+from sdk.errors import DataError, RunError
 from tests.pairs_helpers import STRONG_REPLY, WEAK_REPLY, layout, make_spec, pool, record, write_generate
 
 LOOP = "```python\ndef f(xs):\n" + "    xs.append(xs[-1])\n" * 10 + "```"

@@ -10,9 +10,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.errors import RunError
 from pipelines.pairs import PairsStage, writer
 from pipelines.pairs.balance import apply_language_quotas, is_heldout, length_bias, rebalance_length
+from sdk.errors import RunError
 from tests.pairs_helpers import layout, make_spec, pool, write_generate
 
 

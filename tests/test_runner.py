@@ -17,9 +17,9 @@ import yaml
 
 from pipelines import runner
 from pipelines import stages as pipeline
-from pipelines.errors import RunError, SpecError
 from pipelines.spec import Spec, load_spec
 from pipelines.stage import Stage
+from sdk.errors import RunError, SpecError
 from tests.logs import logged
 
 HOLD_LOCK = (  # what `workdir_lock` does, in another process

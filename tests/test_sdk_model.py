@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.errors import CodepmpError, DataError
 from sdk import RewardModel
+from sdk.errors import CodepmpError, DataError
 from sdk.losses import reward_model_loss
 from tests.sdk_tiny import make_tiny_lm, planted_pairs
 

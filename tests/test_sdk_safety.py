@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import sdk.train
-from pipelines.errors import DataError
 from sdk import RewardModel, best_of_n
 from sdk.config import TrainConfig
+from sdk.errors import DataError
 from sdk.train import train
 from tests.sdk_tiny import make_tiny_lm, planted_pairs
 

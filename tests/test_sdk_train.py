@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 import sdk.train
-from pipelines.errors import DataError
 from sdk import RewardModel
 from sdk.config import TrainConfig
 from sdk.data import encode_pairs
+from sdk.errors import DataError
 from sdk.model import finetune_defaults
 from sdk.train import TrainingDiverged, train
 from tests.sdk_tiny import build_tokenizer, make_tiny_lm, planted_pairs

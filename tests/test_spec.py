@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 import yaml
 
-from pipelines.errors import SpecError
 from pipelines.spec import Spec, apply_override, dump_resolved, load_spec
 from pipelines.stages import declared_names, load, stage_class
+from sdk.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "specs").glob("*.yaml"))

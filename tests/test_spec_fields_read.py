@@ -208,7 +208,7 @@ def test_walk_covers_the_whole_tree() -> None:
         "SandboxSpec",
     }
     labels = {f.label for f in spec_fields(Spec)}
-    assert {"TrainConfig.rm_coef", "FinetuneSpec.lm_coef", "SlurmExecutor.partition", "_Switch.enabled"} <= labels
+    assert {"TrainConfig.rm_coef", "FinetuneConfig.lm_coef", "SlurmExecutor.partition", "_Switch.enabled"} <= labels
 
 
 def test_allow_list_evidence_is_real_and_needed() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.errors import SpecError
 from pipelines.spec import Spec, validate_spec
 from pipelines.stages import NAMES, PIPELINE, check_inputs
+from sdk.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import SpecError
 from pipelines.languages import language_of, normalize_language, resolve_source_path
 from pipelines.spec import STDLIB, LocalSource
+from sdk.errors import SpecError
 from sdk.fileio import atomic_write_json, atomic_write_text
 
 SKIPPED_DIRS = frozenset({"__pycache__", "node_modules"})

@@ -22,9 +22,9 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader, ParquetReader
 from datatrove.pipeline.readers.base import BaseReader
 
-from pipelines.errors import SpecError
 from pipelines.languages import language_of, normalize_language
 from pipelines.spec import ColumnMap, FileShardSource, HuggingFaceSource
+from sdk.errors import SpecError
 from sdk.fileio import atomic_write_text
 
 

@@ -24,10 +24,10 @@ from pipelines.costs import (
 from pipelines.curate.listing import build_listing, read_listing_summary
 from pipelines.curate.pipeline import CurateLayout, build_executors, build_steps
 from pipelines.curate.stats import build_stats, render_summary
-from pipelines.errors import RunError, SpecError
 from pipelines.spec import LocalExecutor, LocalSource, RayExecutor, SlurmExecutor, Spec
 from pipelines.stage import RunLayout, Stage
 from pipelines.tasks import logging_root, run_executors
+from sdk.errors import RunError, SpecError
 from sdk.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)

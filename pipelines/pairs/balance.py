@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from pipelines.errors import RunError
+from sdk.errors import RunError
 
 Row = dict[str, Any]
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import DataError, RunError
 from pipelines.languages import normalize_language
 from pipelines.pairs.checks import Side
 from pipelines.pairs.extract import extract_code
 from pipelines.shards import read_shard_lines, stage_shards
+from sdk.errors import DataError, RunError
 
 _REQUIRED = ("id", "prompt", "strong", "weak")
 

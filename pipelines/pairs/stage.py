@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from pipelines.costs import PAIR_KEEP, Flow, StagePlan, workers
-from pipelines.errors import RunError
 from pipelines.pairs.balance import (
     apply_language_quotas,
     is_heldout,
@@ -34,6 +33,7 @@ from pipelines.pairs.report import SAMPLE_IDS, DropLog, write_card, write_manife
 from pipelines.pairs.writer import SCHEMA, clear_outputs, write_split
 from pipelines.spec import PairsSpec, Spec
 from pipelines.stage import DistributedStage, RunLayout, read_record
+from sdk.errors import RunError
 from sdk.fileio import atomic_path, atomic_write_json
 
 LANGUAGE_QUOTA = "language_quota"

@@ -34,9 +34,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipelines.errors import RunError
-from pipelines.models import resolve_model
-from pipelines.spec import ModelSpec, SamplingSpec
+from sdk.config import ModelSpec, SamplingSpec
+from sdk.errors import RunError
+from sdk.models import resolve_model
 
 
 @dataclass(frozen=True)

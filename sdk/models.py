@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipelines.errors import CodepmpError
-from pipelines.spec import ModelSpec, PruneSpec
+from sdk.config import ModelSpec, PruneSpec
+from sdk.errors import CodepmpError
 from sdk.fileio import atomic_dir
 
 
