@@ -20,7 +20,7 @@ BENCH_JSON := runs/bench-ci.json
 # `pytest` exits 5 when it collected no test: that is a failure too.
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 	$(MAKE) --no-print-directory bench
 
 bench: setup
