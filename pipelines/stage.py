@@ -167,14 +167,14 @@ class DistributedStage(Stage):
 
     def run_tasks(self) -> Path:
         """Start the tasks on the stage's executor and wait for them; returns where their logs are."""
-        from pipelines.tasks import StageTask, logging_root, make_executor, run_executors
+        from pipelines.tasks import StageTask, logging_root, make_executor, run_executors, task_cpus
 
         ex = self.executor(self.spec)
         assert ex is not None
         self.outdir.mkdir(parents=True, exist_ok=True)
         fresh = not any(p.name != "_stage.json" for p in self.outdir.iterdir())
         logs = logging_root(self.spec, self.name, ex, self.outdir, fresh) / f"{ex.tasks}-tasks"  # completions per split
-        task = StageTask(type(self), self.spec, self.layout.root)
+        task = StageTask(type(self), self.spec, self.layout.root, task_cpus(ex, ex.tasks))
         executor = make_executor(ex, [task], ex.tasks, logs, f"{self.spec.name}-{self.name}")
         run_executors(ex, self.name, [self.name], [executor])
         return logs
