@@ -258,9 +258,10 @@ def limit_threads(cpus: int) -> None:
     OpenMP takes every CPU of the machine by default, so tasks sharing a node without CPU binding (local workers,
     Slurm without task/affinity) run N x N threads that spin-wait on each other. Measured here (2 cores, two
     SmolLM2 engines at once): 13-14 tokens/s each with 2 threads, 56-63 with 1; one engine alone does 73 with 2.
-    A user's OMP_NUM_THREADS wins, as does Ray's (it sets it to the task's num_cpus).
+    A user's OMP_NUM_THREADS wins, as does Ray's (it sets it to the task's num_cpus); a task that may use every CPU
+    it sees (the only task of a machine, or one bound to its CPUs by Slurm) keeps the defaults.
     """
-    if "OMP_NUM_THREADS" in os.environ:
+    if "OMP_NUM_THREADS" in os.environ or cpus >= len(os.sched_getaffinity(0)):
         return
     os.environ["OMP_NUM_THREADS"] = str(cpus)
     if "torch" in sys.modules:  # its pool may exist already: resize it too
@@ -280,10 +281,8 @@ class StageTask(PipelineStep):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         from sdk.engine import close_idle
 
-        in_worker = os.environ.get(RUN_PID) != str(os.getpid())  # not the run's own process (local, 1 worker)
-        if in_worker:
-            limit_threads(self.cpus)
+        limit_threads(self.cpus)
         self.stage(self.spec, RunLayout(self.root)).run_task(rank, world_size)
-        if in_worker:
+        if os.environ.get(RUN_PID) != str(os.getpid()):
             close_idle()  # a worker's engine would hold its GPU after the task; the run's own process reuses it
         return data

@@ -42,6 +42,7 @@ def test_a_task_gets_its_executors_share_of_the_cpus():
     assert task_cpus(LocalExecutor(kind="local", tasks=64, workers=64), 64) == 1  # never 0
 
 
+@pytest.mark.skipif(CPUS < 2, reason="one CPU: nothing to share")
 def test_local_workers_side_by_side_each_size_their_pool_to_their_share(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv(RUN_PID, str(os.getpid()))  # as `codepmp run` sets it for its processes
@@ -55,15 +56,17 @@ def test_local_workers_side_by_side_each_size_their_pool_to_their_share(tmp_path
     assert [(p["omp"], p["torch"]) for p in probes] == [(str(share), share)] * 2
 
 
-@pytest.mark.parametrize("case", ["run-process", "user-setting"])
-def test_the_runs_own_process_and_a_users_setting_are_left_alone(case: str, tmp_path: Path, monkeypatch) -> None:
-    if case == "run-process":  # local, 1 worker: the task runs in `codepmp run` itself, on the whole machine
+@pytest.mark.parametrize("case", ["whole-machine", "user-setting"])
+def test_a_task_on_the_whole_machine_and_a_users_setting_are_left_alone(case: str, tmp_path: Path, monkeypatch) -> None:
+    """The only task of a machine (local, 1 worker: in `codepmp run` itself, or a library caller's process) keeps
+    every CPU and leaves no OMP_NUM_THREADS behind for the processes it starts later; a user's setting stays."""
+    if case == "whole-machine":
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.setenv(RUN_PID, str(os.getpid()))
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
-        monkeypatch.setenv(RUN_PID, "1")  # another process's run: this one is a worker
+    monkeypatch.setenv(RUN_PID, "1")  # another process's run: this one counts as a worker
     before = os.environ.get("OMP_NUM_THREADS")
-    StageTask(ThreadProbe, validate_spec({"name": "t"}), tmp_path, 1).run()  # type: ignore[arg-type]
+    cpus = CPUS if case == "whole-machine" else 1
+    StageTask(ThreadProbe, validate_spec({"name": "t"}), tmp_path, cpus).run()  # type: ignore[arg-type]
     assert json.loads((tmp_path / "0.json").read_text())["omp"] == before
     assert os.environ.get("OMP_NUM_THREADS") == before
