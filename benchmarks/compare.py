@@ -1,9 +1,10 @@
 """Gate CI on benchmark *ratios* and quality floors, never on absolute times.
 
-    python -m benchmarks.compare RESULTS.json [--baseline benchmarks/baseline.json]
-    python -m benchmarks.compare RESULTS.json --update      # re-record the baseline values (keeps tolerances)
+    python -m benchmarks.compare RESULTS.json... [--baseline benchmarks/baseline.json]
+    python -m benchmarks.compare RESULTS.json... --update   # re-record the baseline values (keeps tolerances)
 
-RESULTS.json is what `pytest benchmarks --benchmark-json=RESULTS.json` writes. Every benchmark puts its
+RESULTS.json is what `pytest benchmarks --benchmark-json=RESULTS.json` writes; several (suites run as separate
+pytest processes, as `make bench` does) are read as one. Every benchmark puts its
 side-by-side ratio (ours vs a baseline measured in the same run, on the same machine, under the same load)
 into `extra_info`; machines differ in speed, ratios much less. The baseline file names, per benchmark, the
 ratio keys to gate with their recorded value and tolerance (fail when value < recorded * (1 - tolerance)),
@@ -101,15 +102,15 @@ def update(results: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--baseline", type=Path, default=BASELINE)
     parser.add_argument("--update", action="store_true", help="re-record the baseline values from RESULTS")
     args = parser.parse_args(argv)
-    for path in (args.results, args.baseline):
+    for path in (*args.results, args.baseline):
         if not path.is_file():
             print(f"compare: {path} does not exist", file=sys.stderr)
             return 2
-    results = json.loads(args.results.read_text())
+    results = {"benchmarks": [b for path in args.results for b in json.loads(path.read_text())["benchmarks"]]}
     baseline = json.loads(args.baseline.read_text())
     if args.update:
         tmp = args.baseline.with_suffix(".tmp")

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import resource
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,10 +79,10 @@ def setup_distributed() -> tuple[int, int, bool]:
     cpu = not torch.cuda.is_available()
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        # Alone, the store needs no port anyone else knows: the OS picks a free one as it binds. A port probed
+        # free and then released was taken by another process before a later training's store bound it.
+        os.environ.setdefault("MASTER_PORT", "0")
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     import deepspeed

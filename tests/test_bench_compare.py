@@ -68,6 +68,18 @@ def test_a_ceiling_fails_above_its_limit_and_passes_at_it(tmp_path: Path, capsys
     assert "ceiling rss_ratio = 1.350 > 1.200" in capsys.readouterr().err
 
 
+def test_results_split_over_several_files_are_read_as_one(tmp_path: Path) -> None:
+    """`make bench` runs its suites as separate pytest processes: each gate finds its benchmark in any file, and a
+    benchmark in none of them is still missing."""
+    (tmp_path / "b.json").write_text(json.dumps(BASELINE))
+    first, second = results(1.6, 0.9)["benchmarks"]
+    for name, rows in (("1.json", [first]), ("2.json", [second])):
+        (tmp_path / name).write_text(json.dumps({"benchmarks": rows}))
+    files = [str(tmp_path / "1.json"), str(tmp_path / "2.json")]
+    assert compare.main([*files, "--baseline", str(tmp_path / "b.json")]) == 0
+    assert compare.main([files[0], "--baseline", str(tmp_path / "b.json")]) == 1  # bench_q's floor is missing
+
+
 def test_update_records_values_and_keeps_tolerances(tmp_path: Path) -> None:
     assert run(tmp_path, results(3.5, 0.8), "--update") == 0
     new = json.loads((tmp_path / "b.json").read_text())["benchmarks"]

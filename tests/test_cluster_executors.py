@@ -113,6 +113,7 @@ def _slurm_executor(partition: str = PARTITION, env_command: str = f"source {VEN
     )
 
 
+@pytest.mark.slow
 def test_slurm_curate_matches_local(
     tmp_path: Path, local_output: dict[str, bytes], slurm_cluster: dict[str, str], job_name: str
 ) -> None:
@@ -147,6 +148,7 @@ def test_slurm_failed_task_is_a_run_error_not_a_hang(
     assert int(match.group(1)) in (0, 1) and Path(match.group(2)).is_file(), line
 
 
+@pytest.mark.slow
 def test_ray_curate_matches_local(tmp_path: Path, local_output: dict[str, bytes]) -> None:
     pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     proc = _curate(tmp_path, "{kind: ray, tasks: 2, workers: 2, cpus_per_task: 1, mem_per_cpu_gb: 1}")

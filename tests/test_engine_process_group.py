@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
+    # Port 0: the store binds whatever port is free (a fixed one may be another test's).
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     import deepspeed
     import torch.distributed as dist
 

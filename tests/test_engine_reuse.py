@@ -1,8 +1,8 @@
 """An engine outlives its stage only for a next stage that loads the same model spec first.
 
 Fake engine builds (mechanics only): which engine each use gets, what is built, and what is closed when.
-The real path (describe's engine serving generate's strong model) runs in `benchmarks/bench_pipeline.py`,
-whose SIGKILL test checks that pairs equal those of runs where each stage built its own engine.
+The real path (describe's engine serving generate's strong model) is tests/test_cluster_generation.py's 1-task
+reference, whose files must equal those of Slurm and Ray tasks that each built their own engines.
 """
 
 from __future__ import annotations

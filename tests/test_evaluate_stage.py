@@ -73,7 +73,7 @@ def _setup(tmp_path: Path, tiny_rm_dir: Path, problems: int = 3, k: int = 4) -> 
                     "k": k,
                     "problems": problems,
                     "draws": 7,
-                    "sandbox": {"timeout_s": 2, "memory_mb": 512},
+                    "sandbox": {"timeout_s": 5, "memory_mb": 512},  # right programs finish on a loaded machine
                 },
             },
         }

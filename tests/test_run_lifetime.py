@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).parent / "codepmp"
 CODEPMP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli.main"]
@@ -46,6 +48,7 @@ def _run(spec: Path, workdir: Path) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow
 def test_killing_the_run_kills_its_workers_and_frees_the_workdir(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC)

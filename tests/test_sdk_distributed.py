@@ -38,3 +38,34 @@ def test_two_process_zero2_run_under_torchrun(tmp_path: Path) -> None:
     assert (out / "checkpoints" / "step-0000003" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
     result = RewardModel.from_pretrained(out / "final").evaluate(planted_pairs(50, seed=1))
     assert result["n"] == 50
+
+
+PORT_TAKEN_BETWEEN_TRAININGS = """
+import os, socket
+import torch.distributed as dist
+from sdk.train import setup_distributed
+setup_distributed()
+port = int(os.environ["MASTER_PORT"])
+dist.destroy_process_group()
+taken = socket.socket()
+if port:  # another process (a Ray worker, a second test run) binds the port the first training's store had
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+rank, world, created = setup_distributed()
+print("second group", rank, world, created, dist.is_initialized())
+"""
+
+
+def test_a_lone_process_trains_again_after_its_first_port_was_taken() -> None:
+    """pretrain -> sampling -> finetune in one `codepmp run`: the second training's store must not need the port
+    the first one's had (it failed with EADDRINUSE when a neighbour took it in between)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", PORT_TAKEN_BETWEEN_TRAININGS], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "second group 0 1 True True" in proc.stdout
