@@ -223,7 +223,7 @@ def _run(source: str, timeout_s: float, memory_mb: int) -> tuple[ExecResult, dic
         if active["missing"] and not _warned.is_set():
             _warned.set()
             _log.warning("sandbox: running candidates WITHOUT %s on this machine", ", ".join(active["missing"]))
-    if "error" in lines or active is None:
+    if "error" in lines or (active is None and not timed_out):  # killed for time while booting: a timeout
         why = lines.get("error") or _last_line(tail) or f"exit status {code}"
         return ExecResult("error", why[:_DETAIL_CHARS], seconds), None
     status, detail = _classify(code, timed_out, tail, timeout_s, memory_mb, finished="ok" in lines)

@@ -169,6 +169,13 @@ def test_run_many_keeps_input_order_and_reports_each_result():
     assert seen == dict(enumerate(results))
 
 
+def test_a_program_killed_at_the_time_limit_before_its_boot_reported_is_a_timeout():
+    """On a loaded machine the limit can pass while the interpreter is still setting up the layers: the program was
+    killed for time (a right one may pass with a longer limit), not broken by the sandbox ("exit status -9")."""
+    result = run_program("pass\n", timeout_s=0.001)
+    assert result.status == "timeout" and result.detail == "killed after 0.001s wall clock", result
+
+
 def test_no_sandbox_dir_is_left_behind(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
