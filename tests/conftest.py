@@ -1,7 +1,7 @@
 """The suite on pytest-xdist workers (`make test`: `-n 2 --dist loadfile --no-loadscope-reorder`).
 
 Most of the suite's wall time is single-threaded (each process it starts imports vLLM, torch and DeepSpeed; Slurm
-and Ray are waited on), so two workers overlap one's imports with the other's compute: 780 s instead of 1181 s here.
+and Ray are waited on), so two workers overlap one's imports with the other's compute: 716 s instead of 1181 s here.
 Each worker's OpenMP pool gets its share of the CPUs: two vLLM engines whose pools both span the machine spin-wait
 on each other (DESIGN.md §6: 13 tok/s each instead of ~60 with one thread each).
 """
